@@ -1,0 +1,449 @@
+"""LoRA layers: a frozen base module plus any number of named adapters.
+
+``LoraLinear`` wraps ``nn.Linear``, transformers' ``Conv1D`` (weight stored (in, out)) or bitsandbytes'
+``Linear4bit``; ``LoraEmbedding`` wraps ``nn.Embedding``; ``ModulesToSave`` keeps a trainable copy of a
+whole module per adapter. Parameter names are PEFT's, so state-dict keys map one to one.
+
+For an input x of shape (..., in) and an active adapter with A (r, in), B (out, r) and scaling s:
+
+    y = base(x) + s · B(A(dropout(x)))
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.dora import DoraMagnitude, dora_delta, row_norm
+
+ADAPTER_PARAMETER_PREFIXES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+
+def is_4bit(module: nn.Module) -> bool:
+    return type(module).__name__ == "Linear4bit"
+
+
+def _adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
+    # Adapters train in fp32 next to a bf16/fp16/4-bit base (as PEFT's autocast_adapter_dtype); fp64 bases
+    # keep fp64 so the tests can compare against the float64 NumPy oracle.
+    return base_weight.dtype if base_weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class AdapterLayer(nn.Module):
+    """Bookkeeping shared by the LoRA layers: adapter names, which are active, which are merged.
+
+    Subclasses provide ``_new_adapter``, ``delta_weight``, ``_dense_weight`` and ``_write_weight``.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        # Set by `lorakit.adapter_per_row` for one forward pass at a time; see lorakit.mixed.
+        self.row_plan: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        # Code written for the base module (`layer.weight`, `layer.in_features`) keeps working.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.r)
+
+    def add_adapter(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        init_lora_weights: bool | str = True,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+    ) -> None:
+        """Create adapter ``adapter_name`` (inactive); its weights are initialised per ``init_lora_weights``."""
+        if adapter_name in self.r:
+            raise ValueError(f"adapter {adapter_name!r} already exists in this layer")
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        try:
+            self._new_adapter(adapter_name, r, lora_dropout, init_lora_weights, use_dora)
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            raise RuntimeError(f"adapter {adapter_name!r} is merged; unmerge before deleting it")
+        for prefix in (*ADAPTER_PARAMETER_PREFIXES, "lora_dropout"):
+            container = self._modules.get(prefix)
+            if container is not None and adapter_name in container:
+                del container[adapter_name]
+        for table in (self.r, self.lora_alpha, self.scaling):
+            table.pop(adapter_name, None)
+        if adapter_name in self.active_adapters:
+            self.active_adapters.remove(adapter_name)
+
+    def set_active(self, adapter_names: list[str]) -> None:
+        """The model-wide active list; adapters this layer lacks are skipped at forward time."""
+        self.active_adapters = list(adapter_names)
+
+    def _unmerged_active(self) -> list[str]:
+        return [n for n in self.active_adapters if n in self.r and n not in self.merged_adapters]
+
+    # --- merging -----------------------------------------------------------------------------------------
+
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Add the adapters' updates into the base weight (default: the active adapters).
+
+        Raises:
+            RuntimeError: an adapter is already merged, or ``safe_merge`` found a non-finite merged weight.
+        """
+        names = adapter_names if adapter_names is not None else [n for n in self.active_adapters if n in self.r]
+        for name in names:
+            if name in self.merged_adapters:
+                raise RuntimeError(f"adapter {name!r} is already merged into this layer; merging it twice "
+                                   "would add its update twice")
+            if is_4bit(self.base_layer):
+                raise RuntimeError("cannot merge into a 4-bit base in place: use merge_and_unload(), which "
+                                   "dequantises the base and returns a full-precision model")
+            weight = self._dense_weight()
+            merged = self._merged_weight(name, weight)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise RuntimeError(f"merging adapter {name!r} gives non-finite weights; the layer is unchanged")
+            self._write_weight(merged)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter again, last merged first."""
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            self._write_weight(self._unmerged_weight(name, self._dense_weight()))
+
+    def _merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.delta_weight(name).to(weight.dtype)
+
+    def _unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        return weight - self.delta_weight(name).to(weight.dtype)
+
+    def merged_module(self) -> nn.Module:
+        """The base module with the active, not yet merged adapters folded in (for merge_and_unload)."""
+        if is_4bit(self.base_layer):
+            return self._dequantised_linear()
+        self.merge(self._unmerged_active())
+        return self.base_layer
+
+    def _dequantised_linear(self) -> nn.Linear:
+        weight = self._dense_weight()
+        for name in self._unmerged_active():
+            weight = self._merged_weight(name, weight)
+        base = self.base_layer
+        linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                           device=weight.device, dtype=weight.dtype)
+        linear.weight.data.copy_(weight)
+        if base.bias is not None:
+            linear.bias.data.copy_(base.bias.data.to(weight.dtype))
+        linear.requires_grad_(False)
+        return linear
+
+    # --- to be provided by subclasses --------------------------------------------------------------------
+
+    def _new_adapter(self, name: str, r: int, dropout: float, init: bool | str, use_dora: bool) -> None:
+        raise NotImplementedError
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _dense_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _write_weight(self, weight: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class LoraLinear(AdapterLayer):
+    """LoRA (and DoRA) around a linear layer: x (..., in) -> (..., out)."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        # GPT-2's Conv1D stores its weight as (in, out).
+        self.fan_in_fan_out = type(base_layer).__name__ == "Conv1D"
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
+        # DoRA's unmerge needs the norm ||W + sBA|| seen at merge time, per merged adapter.
+        self.dora_merge_norms: dict[str, torch.Tensor] = {}
+
+    def _new_adapter(self, name: str, r: int, dropout: float, init: bool | str, use_dora: bool) -> None:
+        weight = self.base_layer.weight
+        kwargs = {"device": weight.device, "dtype": _adapter_dtype(weight)}
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **kwargs)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **kwargs)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._init_weights(name, init)
+        if use_dora:
+            dense = self._dense_weight().to(kwargs["dtype"])
+            self.lora_magnitude_vector[name] = DoraMagnitude(row_norm(dense, self.delta_weight(name)))
+
+    @torch.no_grad()
+    def _init_weights(self, name: str, init: bool | str) -> None:
+        lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
+        r = lora_A.shape[0]
+        if init is False:
+            return  # nn.Linear's default init: both factors random, so the adapter changes the output
+        if init is True:
+            nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+            nn.init.zeros_(lora_B)
+        elif init == "gaussian":
+            nn.init.normal_(lora_A, std=1 / r)
+            nn.init.zeros_(lora_B)
+        elif init in ("pissa", "olora"):
+            self._init_from_base(name, init)
+        else:
+            raise ValueError(f"unknown init_lora_weights {init!r}")
+
+    def _init_from_base(self, name: str, init: str) -> None:
+        """PiSSA (top singular triplets) or OLoRA (QR); the base keeps the residual, so the output is unchanged."""
+        if is_4bit(self.base_layer):
+            raise ValueError(f"init_lora_weights={init!r} rewrites the base weight and needs a full-precision base")
+        weight = self._dense_weight().float()
+        r, s = self.r[name], self.scaling[name]
+        if init == "pissa":
+            u, sigma, vh = torch.linalg.svd(weight, full_matrices=False)
+            root = torch.sqrt(sigma[:r] / s)
+            lora_A, lora_B = root[:, None] * vh[:r], u[:, :r] * root
+        else:
+            q, upper = torch.linalg.qr(weight)
+            lora_A, lora_B = upper[:r], q[:, :r]
+        self.lora_A[name].weight.copy_(lora_A)
+        self.lora_B[name].weight.copy_(lora_B)
+        self._write_weight(weight - s * (lora_B @ lora_A))
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """s·B·A, shape (out, in)."""
+        lora_A, lora_B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        return self.scaling[adapter_name] * (lora_B @ lora_A)
+
+    def _dense_weight(self) -> torch.Tensor:
+        """The base weight as (out, in), dequantised if the base is 4-bit."""
+        weight = self.base_layer.weight
+        if is_4bit(self.base_layer):
+            import bitsandbytes.functional as bnbf
+
+            return bnbf.dequantize_4bit(weight.data, weight.quant_state).to(torch.float32)
+        return weight.data.T if self.fan_in_fan_out else weight.data
+
+    def _write_weight(self, weight: torch.Tensor) -> None:
+        target = self.base_layer.weight.data
+        target.copy_(weight.T if self.fan_in_fan_out else weight)
+
+    def _merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        if name not in self.lora_magnitude_vector:
+            return super()._merged_weight(name, weight)
+        updated = weight + self.delta_weight(name).to(weight.dtype)
+        factor = self.lora_magnitude_vector[name].weight / row_norm(weight, self.delta_weight(name))
+        return factor.to(weight.dtype)[:, None] * updated
+
+    def _unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        if name not in self.lora_magnitude_vector:
+            return super()._unmerged_weight(name, weight)
+        # Merged W' = (m / n)·(W + sBA) with n = ||W + sBA|| taken at merge time, so W = W'·(n / m) − sBA.
+        magnitude = self.lora_magnitude_vector[name].weight.detach().to(weight.dtype)
+        norm = self.dora_merge_norms.pop(name).to(weight.dtype)
+        return weight * (norm / magnitude)[:, None] - self.delta_weight(name).to(weight.dtype)
+
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        names = adapter_names if adapter_names is not None else [n for n in self.active_adapters if n in self.r]
+        for name in names:
+            if name in self.lora_magnitude_vector and name not in self.merged_adapters:
+                self.dora_merge_norms[name] = row_norm(self._dense_weight(), self.delta_weight(name)).detach()
+            super().merge([name], safe_merge)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.row_plan is not None:
+            from lorakit.mixed import mixed_linear_forward
+
+            return mixed_linear_forward(self, x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        for name in self.active_adapters:
+            if name in self.r and name not in self.merged_adapters:
+                result = self._add_adapter_output(result, x, name)
+        return result
+
+    def _add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
+        scaling = self.scaling[name]
+        x = self.lora_dropout[name](x.to(lora_A.dtype))
+        hidden = F.linear(x, lora_A)
+        if name in self.lora_magnitude_vector:
+            return result + self._dora_output(result, x, hidden, name).to(result.dtype)
+        if result.dtype != lora_A.dtype:
+            return result + (scaling * F.linear(hidden, lora_B)).to(result.dtype)
+        # One GEMM adds s·(h Bᵀ) into the base output: no separate scale and add passes.
+        flat = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]),
+                           lora_B.t(), alpha=scaling)
+        return flat.view(result.shape)
+
+    def _dora_output(self, result: torch.Tensor, x: torch.Tensor, hidden: torch.Tensor, name: str) -> torch.Tensor:
+        weight = self._dense_weight().to(x.dtype)
+        norm = row_norm(weight, self.delta_weight(name).to(x.dtype))
+        dropout = self.lora_dropout[name]
+        if isinstance(dropout, nn.Identity) or not self.training:
+            bias = self.base_layer.bias
+            base_no_bias = result.to(x.dtype) if bias is None else result.to(x.dtype) - bias.to(x.dtype)
+        else:
+            # Dropout changed x, so the base term must be recomputed on the dropped-out input.
+            base_no_bias = F.linear(x, weight)
+        lora_out = F.linear(hidden, self.lora_B[name].weight)
+        return dora_delta(base_no_bias, lora_out, self.lora_magnitude_vector[name].weight, norm, self.scaling[name])
+
+
+class LoraEmbedding(AdapterLayer):
+    """LoRA around an embedding: ids (...) -> (..., embedding_dim).
+
+    ``lora_embedding_A[name]`` is (r, num_embeddings) and ``lora_embedding_B[name]`` (embedding_dim, r),
+    so the update of the (num_embeddings, embedding_dim) table is s·(B·A)ᵀ.
+    """
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+
+    def _new_adapter(self, name: str, r: int, dropout: float, init: bool | str, use_dora: bool) -> None:
+        if use_dora:
+            raise ValueError("DoRA is supported on linear layers only; exclude the embedding or drop use_dora")
+        if init in ("pissa", "olora"):
+            raise ValueError(f"init_lora_weights={init!r} is supported on linear layers only")
+        weight = self.base_layer.weight
+        kwargs = {"device": weight.device, "dtype": _adapter_dtype(weight)}
+        lora_A = torch.empty(r, self.base_layer.num_embeddings, **kwargs)
+        lora_B = torch.empty(self.base_layer.embedding_dim, r, **kwargs)
+        if init is False:
+            nn.init.normal_(lora_A)
+            nn.init.normal_(lora_B)
+        elif init == "gaussian":
+            nn.init.normal_(lora_A, std=1 / r)
+            nn.init.zeros_(lora_B)
+        else:  # PEFT's default for embeddings: zero A, normal B
+            nn.init.zeros_(lora_A)
+            nn.init.normal_(lora_B)
+        self.lora_embedding_A[name] = nn.Parameter(lora_A)
+        self.lora_embedding_B[name] = nn.Parameter(lora_B)
+        # Dropout is meaningless on integer ids; kept as Identity so the layout matches PEFT's.
+        self.lora_dropout[name] = nn.Identity()
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """s·(B·A)ᵀ, shape (num_embeddings, embedding_dim)."""
+        lora_A, lora_B = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+        return self.scaling[adapter_name] * (lora_B @ lora_A).T
+
+    def _dense_weight(self) -> torch.Tensor:
+        return self.base_layer.weight.data
+
+    def _write_weight(self, weight: torch.Tensor) -> None:
+        self.base_layer.weight.data.copy_(weight)
+
+    def embed(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """Look ids up in ``table`` (num_embeddings, d) with the base embedding's options."""
+        base = self.base_layer
+        return F.embedding(ids, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
+                           base.sparse)
+
+    def forward(self, ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.row_plan is not None:
+            from lorakit.mixed import mixed_embedding_forward
+
+            return mixed_embedding_forward(self, ids, *args, **kwargs)
+        result = self.base_layer(ids, *args, **kwargs)
+        if self.disabled:
+            return result
+        for name in self.active_adapters:
+            if name not in self.r or name in self.merged_adapters:
+                continue
+            lora_A, lora_B = self.lora_embedding_A[name], self.lora_embedding_B[name]
+            hidden = self.embed(ids, lora_A.T)
+            result = result + (self.scaling[name] * (hidden @ lora_B.T)).to(result.dtype)
+        return result
+
+
+class ModulesToSave(nn.Module):
+    """A module trained whole: the frozen ``original_module`` and a trainable copy per adapter."""
+
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disabled = False
+        self.row_plan: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "original_module":
+                raise
+            return getattr(self.original_module, name)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save)
+
+    def add_adapter(self, adapter_name: str) -> None:
+        copied = copy.deepcopy(self.original_module)
+        self.modules_to_save[adapter_name] = copied
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
+        if adapter_name in self.active_adapters:
+            self.active_adapters.remove(adapter_name)
+
+    def set_active(self, adapter_names: list[str]) -> None:
+        self.active_adapters = list(adapter_names)
+
+    def active_module(self) -> nn.Module:
+        """The copy of the first active adapter that has one, else the original."""
+        if not self.disabled:
+            for name in self.active_adapters:
+                if name in self.modules_to_save:
+                    return self.modules_to_save[name]
+        return self.original_module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.row_plan is not None:
+            from lorakit.mixed import mixed_modules_to_save_forward
+
+            return mixed_modules_to_save_forward(self, *args, **kwargs)
+        return self.active_module()(*args, **kwargs)
+
+
+def wrap(module: nn.Module) -> AdapterLayer:
+    """A new, adapter-less LoRA wrapper for ``module``."""
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding(module)
+    return LoraLinear(module)
