@@ -96,21 +96,25 @@ def evaluate(model, tokenizer, examples: list[DateExample], batch_size: int, max
     model.eval()
     tokenizer.padding_side = "left"
     prompts = [
-        tokenizer.apply_chat_template(e.messages(with_answer=False), tokenize=False, add_generation_prompt=True)
+        tokenizer.apply_chat_template(e.messages(with_answer=False), tokenize=False,
+                                      add_generation_prompt=True)
         for e in examples
     ]
     replies: list[str] = []
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for i in range(0, len(prompts), batch_size):
-        batch = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True,
+                          add_special_tokens=False)
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         replies += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - cpu_start
     answers = [e.answer for e in examples]
     exact = sum(exact_match(r, a) for r, a in zip(replies, answers)) / len(examples)
     contains = sum(a in normalize_answer(r) for r, a in zip(replies, answers)) / len(examples)
-    return {"exact": exact, "contains": contains, "seconds": seconds, "replies": replies}
+    return {"exact": exact, "contains": contains, "seconds": seconds, "cpu_seconds": cpu_seconds,
+            "replies": replies}
 
 
 def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
@@ -124,7 +128,7 @@ def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
 
 
-def train(model, tokenizer, examples: list[DateExample], args) -> dict:
+def train(model, tokenizer, examples: list[DateExample], args, heldout: list[DateExample]) -> dict:
     targets = "all-linear" if args.targets == "all-linear" else args.targets.split(",")
     config = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=targets,
                         task_type="CAUSAL_LM")
@@ -137,8 +141,10 @@ def train(model, tokenizer, examples: list[DateExample], args) -> dict:
     order: list[int] = []
     losses: list[float] = []
     tokens = 0
+    eval_seconds = eval_cpu_seconds = 0.0
+    midway: dict[int, float] = {}
     model.train()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for step in range(args.steps):
         if len(order) < args.batch_size:
             epoch = list(range(len(encoded)))
@@ -158,10 +164,18 @@ def train(model, tokenizer, examples: list[DateExample], args) -> dict:
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             recent = losses[-args.log_every:]
             log(f"step {step + 1}/{args.steps} loss {sum(recent) / len(recent):.4f} "
-                f"({time.perf_counter() - start:.0f} s)")
-    seconds = time.perf_counter() - start
-    return {"model": model, "seconds": seconds, "trainable": trainable, "tokens": tokens,
-            "final_loss": sum(losses[-10:]) / len(losses[-10:])}
+                f"({time.perf_counter() - start - eval_seconds:.0f} s)")
+        if step + 1 in args.eval_at:
+            result = evaluate(model, tokenizer, heldout, args.eval_batch_size, args.max_new_tokens)
+            eval_seconds += result["seconds"]
+            eval_cpu_seconds += result["cpu_seconds"]
+            midway[step + 1] = result["exact"]
+            log(f"step {step + 1}: exact {result['exact']:.1%} ({result['seconds']:.1f} s, not counted)")
+            model.train()
+    seconds = time.perf_counter() - start - eval_seconds
+    cpu_seconds = time.process_time() - cpu_start - eval_cpu_seconds
+    return {"model": model, "seconds": seconds, "cpu_seconds": cpu_seconds, "midway": midway,
+            "trainable": trainable, "tokens": tokens, "final_loss": sum(losses[-10:]) / len(losses[-10:])}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--eval-at", type=lambda s: {int(x) for x in s.split(",") if x}, default=set(),
+                        help="also score the held-out set after these steps (comma-separated)")
     parser.add_argument("--skip-base", action="store_true", help="do not score the base model")
     parser.add_argument("--json-out", default=None, help="append one JSON record per run to this file")
     args = parser.parse_args(argv)
@@ -205,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         base = evaluate(model, tokenizer, heldout, args.eval_batch_size, args.max_new_tokens)
         log(f"base: exact {base['exact']:.1%} contains {base['contains']:.1%} ({base['seconds']:.1f} s)")
 
-    trained = train(model, tokenizer, list(split.train), args)
+    trained = train(model, tokenizer, list(split.train), args, heldout)
     log(f"trained {args.steps} steps in {trained['seconds']:.1f} s "
         f"({trained['tokens'] / trained['seconds']:.0f} tokens/s, {trained['trainable']} trainable)")
     tuned = evaluate(trained["model"], tokenizer, heldout, args.eval_batch_size, args.max_new_tokens)
@@ -214,26 +230,33 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(3):
         log(f"sample {heldout[i].prompt!r} -> expected {heldout[i].answer!r}; "
             f"base {base['replies'][i] if base else None!r}; tuned {tuned['replies'][i]!r}")
-    wrong = [(e.prompt, e.answer, r) for e, r in zip(heldout, tuned["replies"]) if not exact_match(r, e.answer)]
+    wrong = [(e.prompt, e.answer, r) for e, r in zip(heldout, tuned["replies"])
+             if not exact_match(r, e.answer)]
     for prompt, answer, reply in wrong[:8]:
         log(f"miss {prompt!r} expected {answer!r} got {reply!r}")
 
     total = time.perf_counter() - wall
     if base:
-        log(f"held-out exact match: before {base['exact']:.0%} -> after {tuned['exact']:.0%} (total {total:.0f} s)")
+        log(f"held-out exact match: before {base['exact']:.0%} -> after {tuned['exact']:.0%} "
+            f"(total {total:.0f} s)")
     record = {
-        "args": {k: v for k, v in vars(args).items() if k not in ("json_out", "log_every")},
+        "args": {k: sorted(v) if isinstance(v, set) else v for k, v in vars(args).items()
+                 if k not in ("json_out", "log_every")},
         "load_s": round(load_seconds, 1),
         "base_exact": base["exact"] if base else None,
         "base_contains": base["contains"] if base else None,
         "base_eval_s": round(base["seconds"], 1) if base else None,
+        "base_eval_cpu_s": round(base["cpu_seconds"], 1) if base else None,
         "train_s": round(trained["seconds"], 1),
+        "train_cpu_s": round(trained["cpu_seconds"], 1),
+        "exact_at_step": trained["midway"],
         "train_tokens": trained["tokens"],
         "final_loss": round(trained["final_loss"], 4),
         "trainable": trained["trainable"],
         "tuned_exact": tuned["exact"],
         "tuned_contains": tuned["contains"],
         "tuned_eval_s": round(tuned["seconds"], 1),
+        "tuned_eval_cpu_s": round(tuned["cpu_seconds"], 1),
         "total_s": round(total, 1),
         "loadavg_start": round(load_avg_start, 2),
         "loadavg_end": round(os.getloadavg()[0], 2),

@@ -81,10 +81,7 @@ _STRIP_CHARS = " \t\r\n'\"`"
 
 
 def _ordinal(day: int) -> str:
-    if 11 <= day % 100 <= 13:
-        suffix = "th"
-    else:
-        suffix = {1: "st", 2: "nd", 3: "rd"}.get(day % 10, "th")
+    suffix = "th" if 11 <= day % 100 <= 13 else {1: "st", 2: "nd", 3: "rd"}.get(day % 10, "th")
     return f"{day}{suffix}"
 
 
@@ -157,7 +154,8 @@ def check_disjoint(train: Iterable[DateExample], heldout: Iterable[DateExample])
     shared_prompts = {e.prompt for e in train} & {e.prompt for e in heldout}
     shared_answers = {e.answer for e in train} & {e.answer for e in heldout}
     if shared_dates or shared_prompts or shared_answers:
-        sample = sorted(str(d) for d in shared_dates | {datetime.date.fromisoformat(a) for a in shared_answers})
+        shared_days = shared_dates | {datetime.date.fromisoformat(a) for a in shared_answers}
+        sample = sorted(str(d) for d in shared_days)
         raise AssertionError(
             f"train and held-out overlap: {len(shared_dates)} dates, {len(shared_prompts)} prompts, "
             f"{len(shared_answers)} answers (e.g. {sample[:3]})"
@@ -177,14 +175,6 @@ def make_split(n_train: int = 2000, n_heldout: int = 200, seed: int = 0) -> Demo
     if n_train + n_heldout > span:
         raise ValueError(f"at most {span} distinct dates exist in {FIRST_DATE}..{LAST_DATE}")
     rng = random.Random(seed)
-    heldout_offsets = rng.sample(range(span), n_heldout)
-    taken = set(heldout_offsets)
-    train_offsets: list[int] = []
-    while len(train_offsets) < n_train:
-        offset = rng.randrange(span)
-        if offset not in taken:
-            taken.add(offset)
-            train_offsets.append(offset)
 
     def build(offsets: Sequence[int]) -> tuple[DateExample, ...]:
         return tuple(
@@ -196,7 +186,15 @@ def make_split(n_train: int = 2000, n_heldout: int = 200, seed: int = 0) -> Demo
             for offset in offsets
         )
 
+    heldout_offsets = rng.sample(range(span), n_heldout)
     heldout = build(heldout_offsets)
+    taken = set(heldout_offsets)
+    train_offsets: list[int] = []
+    while len(train_offsets) < n_train:
+        offset = rng.randrange(span)
+        if offset not in taken:
+            taken.add(offset)
+            train_offsets.append(offset)
     train = build(train_offsets)
     check_disjoint(train, heldout)
     return DemoSplit(train=train, heldout=heldout)

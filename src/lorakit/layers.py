@@ -28,6 +28,24 @@ def is_4bit(module: nn.Module) -> bool:
     return type(module).__name__ == "Linear4bit"
 
 
+def check_supported(name: str, module: nn.Module, use_dora: bool, init: bool | str) -> None:
+    """Raise ValueError when lorakit cannot give ``module`` (or the base inside a wrapper) such an adapter.
+
+    Run on every target before anything is created, because PiSSA/OLoRA rewrite base weights at creation.
+    """
+    base = module.base_layer if isinstance(module, AdapterLayer) else module
+    if isinstance(base, nn.Embedding):
+        if use_dora:
+            raise ValueError(f"module {name!r} is an nn.Embedding: DoRA is supported on linear layers only; "
+                             "exclude it or set use_dora=False")
+        if init in ("pissa", "olora"):
+            raise ValueError(f"module {name!r} is an nn.Embedding: init_lora_weights={init!r} is supported on "
+                             "linear layers only")
+    elif is_4bit(base) and init in ("pissa", "olora"):
+        raise ValueError(f"module {name!r} is 4-bit: init_lora_weights={init!r} rewrites the base weight and "
+                         "needs a full-precision base")
+
+
 def _adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
     # Adapters train in fp32 next to a bf16/fp16/4-bit base (as PEFT's autocast_adapter_dtype); fp64 bases
     # keep fp64 so the tests can compare against the float64 NumPy oracle.
@@ -48,6 +66,8 @@ class AdapterLayer(nn.Module):
         self.scaling: dict[str, float] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
+        # What unmerge needs beyond the adapter itself, per merged adapter (DoRA: the norm at merge time).
+        self.merge_memos: dict[str, torch.Tensor] = {}
         self.disabled = False
         # Set by `lorakit.adapter_per_row` for one forward pass at a time; see lorakit.mixed.
         self.row_plan: Any = None
@@ -78,6 +98,7 @@ class AdapterLayer(nn.Module):
         """Create adapter ``adapter_name`` (inactive); its weights are initialised per ``init_lora_weights``."""
         if adapter_name in self.r:
             raise ValueError(f"adapter {adapter_name!r} already exists in this layer")
+        check_supported(type(self.base_layer).__name__, self, use_dora, init_lora_weights)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
@@ -109,36 +130,54 @@ class AdapterLayer(nn.Module):
     # --- merging -----------------------------------------------------------------------------------------
 
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Add the adapters' updates into the base weight (default: the active adapters).
+        """Add the adapters' updates into the base weight (default: the active adapters), all or nothing.
 
         Raises:
-            RuntimeError: an adapter is already merged, or ``safe_merge`` found a non-finite merged weight.
+            RuntimeError: an adapter is already merged, the base is 4-bit, or ``safe_merge`` found a non-finite
+                merged weight. The layer is then unchanged.
         """
+        names = self._names_to_merge(adapter_names)
+        weight, memos = self._merge_result(names)
+        if safe_merge and not torch.isfinite(weight).all():
+            raise RuntimeError(f"merging adapters {names} gives non-finite weights; the layer is unchanged")
+        self._write_weight(weight)
+        self.merged_adapters.extend(names)
+        self.merge_memos.update(memos)
+
+    def _names_to_merge(self, adapter_names: list[str] | None) -> list[str]:
+        """The adapters `merge` would fold in, checked; raises before anything is written."""
         names = adapter_names if adapter_names is not None else [n for n in self.active_adapters if n in self.r]
         for name in names:
-            if name in self.merged_adapters:
+            if name not in self.r:
+                raise ValueError(f"no adapter named {name!r} in this layer; it has {self.adapter_names}")
+            if name in self.merged_adapters or names.count(name) > 1:
                 raise RuntimeError(f"adapter {name!r} is already merged into this layer; merging it twice "
                                    "would add its update twice")
-            if is_4bit(self.base_layer):
-                raise RuntimeError("cannot merge into a 4-bit base in place: use merge_and_unload(), which "
-                                   "dequantises the base and returns a full-precision model")
-            weight = self._dense_weight()
-            merged = self._merged_weight(name, weight)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise RuntimeError(f"merging adapter {name!r} gives non-finite weights; the layer is unchanged")
-            self._write_weight(merged)
-            self.merged_adapters.append(name)
+        if names and is_4bit(self.base_layer):
+            raise RuntimeError("cannot merge into a 4-bit base in place: use merge_and_unload(), which "
+                               "dequantises the base and returns a full-precision model")
+        return names
+
+    def _merge_result(self, names: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The base weight with ``names`` merged in order (nothing written), and what unmerge will need."""
+        weight, memos = self._dense_weight(), {}
+        for name in names:
+            weight, memo = self._merged_weight(name, weight)
+            if memo is not None:
+                memos[name] = memo
+        return weight, memos
 
     def unmerge(self) -> None:
         """Subtract every merged adapter again, last merged first."""
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            self._write_weight(self._unmerged_weight(name, self._dense_weight()))
+            self._write_weight(self._unmerged_weight(name, self._dense_weight(), self.merge_memos.pop(name, None)))
 
-    def _merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self.delta_weight(name).to(weight.dtype)
+    def _merged_weight(self, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight + ΔW, None); DoRA overrides it and returns the norm its unmerge needs instead of None."""
+        return weight + self.delta_weight(name).to(weight.dtype), None
 
-    def _unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+    def _unmerged_weight(self, name: str, weight: torch.Tensor, memo: torch.Tensor | None) -> torch.Tensor:
         return weight - self.delta_weight(name).to(weight.dtype)
 
     def merged_module(self) -> nn.Module:
@@ -149,9 +188,7 @@ class AdapterLayer(nn.Module):
         return self.base_layer
 
     def _dequantised_linear(self) -> nn.Linear:
-        weight = self._dense_weight()
-        for name in self._unmerged_active():
-            weight = self._merged_weight(name, weight)
+        weight, _ = self._merge_result(self._unmerged_active())
         base = self.base_layer
         linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
                            device=weight.device, dtype=weight.dtype)
@@ -191,8 +228,6 @@ class LoraLinear(AdapterLayer):
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ModuleDict()
-        # DoRA's unmerge needs the norm ||W + sBA|| seen at merge time, per merged adapter.
-        self.dora_merge_norms: dict[str, torch.Tensor] = {}
 
     def _new_adapter(self, name: str, r: int, dropout: float, init: bool | str, use_dora: bool) -> None:
         weight = self.base_layer.weight
@@ -223,10 +258,8 @@ class LoraLinear(AdapterLayer):
             raise ValueError(f"unknown init_lora_weights {init!r}")
 
     def _init_from_base(self, name: str, init: str) -> None:
-        """PiSSA (top singular triplets) or OLoRA (QR); the base keeps the residual, so the output is unchanged."""
-        if is_4bit(self.base_layer):
-            raise ValueError(f"init_lora_weights={init!r} rewrites the base weight and needs a full-precision base")
-        weight = self._dense_weight().float()
+        """PiSSA (top singular triplets) or OLoRA (QR): the base keeps the residual, the output is unchanged."""
+        weight = self._dense_weight().to(_adapter_dtype(self.base_layer.weight))
         r, s = self.r[name], self.scaling[name]
         if init == "pissa":
             u, sigma, vh = torch.linalg.svd(weight, full_matrices=False)
@@ -250,6 +283,12 @@ class LoraLinear(AdapterLayer):
         if is_4bit(self.base_layer):
             import bitsandbytes.functional as bnbf
 
+            if getattr(weight.quant_state, "packing_format_for_cpu", False):
+                # bitsandbytes repacks NF4 weights for its bf16 CPU kernel on the first eval-mode forward;
+                # dequantize_4bit reads the canonical layout, so undo the repacking first (as bitsandbytes
+                # itself does before saving).
+                weight.data, weight.quant_state = bnbf._convert_weight_packed_for_cpu_inverse(
+                    weight.data, weight.quant_state)
             return bnbf.dequantize_4bit(weight.data, weight.quant_state).to(torch.float32)
         return weight.data.T if self.fan_in_fan_out else weight.data
 
@@ -257,27 +296,22 @@ class LoraLinear(AdapterLayer):
         target = self.base_layer.weight.data
         target.copy_(weight.T if self.fan_in_fan_out else weight)
 
-    def _merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+    def _merged_weight(self, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if name not in self.lora_magnitude_vector:
             return super()._merged_weight(name, weight)
-        updated = weight + self.delta_weight(name).to(weight.dtype)
-        factor = self.lora_magnitude_vector[name].weight / row_norm(weight, self.delta_weight(name))
-        return factor.to(weight.dtype)[:, None] * updated
+        delta = self.delta_weight(name).to(weight.dtype)
+        norm = row_norm(weight, delta)
+        factor = self.lora_magnitude_vector[name].weight.detach().to(weight.dtype) / norm
+        return factor[:, None] * (weight + delta), norm
 
-    def _unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+    def _unmerged_weight(self, name: str, weight: torch.Tensor, memo: torch.Tensor | None) -> torch.Tensor:
         if name not in self.lora_magnitude_vector:
-            return super()._unmerged_weight(name, weight)
-        # Merged W' = (m / n)·(W + sBA) with n = ||W + sBA|| taken at merge time, so W = W'·(n / m) − sBA.
+            return super()._unmerged_weight(name, weight, memo)
+        # Merged W' = (m / n)·(W + sBA) with n = ||W + sBA|| taken at merge time (the memo; it cannot be
+        # recomputed from W'), so W = W'·(n / m) − sBA.
+        assert memo is not None, "a merged DoRA adapter always leaves its norm"
         magnitude = self.lora_magnitude_vector[name].weight.detach().to(weight.dtype)
-        norm = self.dora_merge_norms.pop(name).to(weight.dtype)
-        return weight * (norm / magnitude)[:, None] - self.delta_weight(name).to(weight.dtype)
-
-    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        names = adapter_names if adapter_names is not None else [n for n in self.active_adapters if n in self.r]
-        for name in names:
-            if name in self.lora_magnitude_vector and name not in self.merged_adapters:
-                self.dora_merge_norms[name] = row_norm(self._dense_weight(), self.delta_weight(name)).detach()
-            super().merge([name], safe_merge)
+        return weight * (memo.to(weight.dtype) / magnitude)[:, None] - self.delta_weight(name).to(weight.dtype)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.row_plan is not None:
@@ -285,39 +319,62 @@ class LoraLinear(AdapterLayer):
 
             return mixed_linear_forward(self, x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
-        if self.disabled:
+        if self.disabled or not self.active_adapters:
             return result
-        for name in self.active_adapters:
-            if name in self.r and name not in self.merged_adapters:
-                result = self._add_adapter_output(result, x, name)
+        names = self._unmerged_active()
+        if self.lora_magnitude_vector:
+            # DoRA rescales the base output W·x, so DoRA adapters go first, while `result` is still the
+            # untouched base output (their sum is added out of place), and LoRA adapters after.
+            base_result = result
+            for name in names:
+                if name in self.lora_magnitude_vector:
+                    result = result + self._dora_output(base_result, x, name)
+        for name in names:
+            if name not in self.lora_magnitude_vector:
+                result = self._add_lora_output(result, x, name)
         return result
 
-    def _add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    def _add_lora_output(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        """result (..., out) + s·B·A·dropout(x), written into ``result`` when that is safe."""
         lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
-        scaling = self.scaling[name]
-        x = self.lora_dropout[name](x.to(lora_A.dtype))
-        hidden = F.linear(x, lora_A)
-        if name in self.lora_magnitude_vector:
-            return result + self._dora_output(result, x, hidden, name).to(result.dtype)
+        scaling, dropout = self.scaling[name], self.lora_dropout[name]
+        x = x.to(lora_A.dtype)
+        if not isinstance(dropout, nn.Identity):  # skipping the no-op module call saves ~3 µs per layer
+            x = dropout(x)
+        hidden = F.linear(x, lora_A)  # (..., r)
         if result.dtype != lora_A.dtype:
-            return result + (scaling * F.linear(hidden, lora_B)).to(result.dtype)
-        # One GEMM adds s·(h Bᵀ) into the base output: no separate scale and add passes.
-        flat = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]),
-                           lora_B.t(), alpha=scaling)
-        return flat.view(result.shape)
+            # A bf16/fp16/4-bit base next to fp32 adapters: add in fp32, then round once (as PEFT).
+            return torch.add(result, F.linear(hidden, lora_B), alpha=scaling).to(result.dtype)
+        # One GEMM accumulates s·(h·Bᵀ) into the base output in place: no scale, add or copy pass over the
+        # (tokens, out) output. That is safe because `result` is a fresh tensor that autograd did not save
+        # (linear layers save their input and weight, not their output); a base layer that did save it would
+        # make autograd raise at backward, never silently differ.
+        if result.is_contiguous():
+            result.view(-1, result.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]), lora_B.t(),
+                                                      alpha=scaling)
+            return result
+        return torch.addmm(result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]),
+                           lora_B.t(), alpha=scaling).view(result.shape)
 
-    def _dora_output(self, result: torch.Tensor, x: torch.Tensor, hidden: torch.Tensor, name: str) -> torch.Tensor:
+    def _dora_output(self, base_result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        """What DoRA adapter ``name`` adds to the base output ``base_result`` (..., out), in its dtype."""
+        lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
+        x = x.to(lora_A.dtype)
         weight = self._dense_weight().to(x.dtype)
         norm = row_norm(weight, self.delta_weight(name).to(x.dtype))
         dropout = self.lora_dropout[name]
         if isinstance(dropout, nn.Identity) or not self.training:
             bias = self.base_layer.bias
-            base_no_bias = result.to(x.dtype) if bias is None else result.to(x.dtype) - bias.to(x.dtype)
+            base_no_bias = base_result.to(x.dtype)
+            if bias is not None:
+                base_no_bias = base_no_bias - bias.to(x.dtype)
         else:
-            # Dropout changed x, so the base term must be recomputed on the dropped-out input.
+            # Dropout changes x, so the base term is recomputed on the dropped-out input (as PEFT).
+            x = dropout(x)
             base_no_bias = F.linear(x, weight)
-        lora_out = F.linear(hidden, self.lora_B[name].weight)
-        return dora_delta(base_no_bias, lora_out, self.lora_magnitude_vector[name].weight, norm, self.scaling[name])
+        lora_out = F.linear(F.linear(x, lora_A), lora_B)
+        delta = dora_delta(base_no_bias, lora_out, self.lora_magnitude_vector[name].weight, norm, self.scaling[name])
+        return delta.to(base_result.dtype)
 
 
 class LoraEmbedding(AdapterLayer):
@@ -334,10 +391,6 @@ class LoraEmbedding(AdapterLayer):
         self.lora_dropout = nn.ModuleDict()
 
     def _new_adapter(self, name: str, r: int, dropout: float, init: bool | str, use_dora: bool) -> None:
-        if use_dora:
-            raise ValueError("DoRA is supported on linear layers only; exclude the embedding or drop use_dora")
-        if init in ("pissa", "olora"):
-            raise ValueError(f"init_lora_weights={init!r} is supported on linear layers only")
         weight = self.base_layer.weight
         kwargs = {"device": weight.device, "dtype": _adapter_dtype(weight)}
         lora_A = torch.empty(r, self.base_layer.num_embeddings, **kwargs)
@@ -345,10 +398,7 @@ class LoraEmbedding(AdapterLayer):
         if init is False:
             nn.init.normal_(lora_A)
             nn.init.normal_(lora_B)
-        elif init == "gaussian":
-            nn.init.normal_(lora_A, std=1 / r)
-            nn.init.zeros_(lora_B)
-        else:  # PEFT's default for embeddings: zero A, normal B
+        else:  # True and "gaussian" alike, as PEFT: zero A, normal B (nn.Embedding's own init)
             nn.init.zeros_(lora_A)
             nn.init.normal_(lora_B)
         self.lora_embedding_A[name] = nn.Parameter(lora_A)

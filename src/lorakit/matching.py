@@ -3,7 +3,7 @@
 One rule for every list of names (``target_modules``, ``exclude_modules``, ``modules_to_save``): an entry
 matches a module whose qualified name equals the entry or ends with ``"." + entry``. ``target_modules`` and
 ``exclude_modules`` may instead be a single string, a regular expression that must fullmatch the qualified
-name; ``"all-linear"`` (any case) selects every linear layer except the output head. Keys of
+name; ``"all-linear"`` (any case) selects every linear layer except the output head (`output_head_names`). Keys of
 ``rank_pattern`` / ``alpha_pattern`` may be regexes and match the same way as list entries (PEFT's rule:
 ``re.match(rf"(.*\\.)?({key})$", name)``).
 """
@@ -47,16 +47,20 @@ def is_adaptable(module: nn.Module) -> bool:
     return is_linear(module) or isinstance(module, nn.Embedding)
 
 
-def output_head_names(model: nn.Module) -> set[str]:
-    """Qualified names of the model's output head: the output embedding (lm_head) or a classifier head."""
-    heads: set[str] = set()
+def output_head_names(model: nn.Module, task_type: str | None = None) -> set[str]:
+    """Qualified names of the output head that ``"all-linear"`` leaves out, as PEFT decides it.
+
+    The output embedding (``lm_head``) when the model has one; otherwise, for ``task_type="SEQ_CLS"``, the
+    classifier head (``classifier`` or ``score``). A classifier head without that task type is an ordinary
+    linear layer, as in PEFT.
+    """
     get_output = getattr(model, "get_output_embeddings", None)
     output = get_output() if callable(get_output) else None
-    if output is None:
+    if output is None and task_type == "SEQ_CLS":
         output = next((getattr(model, n) for n in CLASSIFIER_HEAD_NAMES if hasattr(model, n)), None)
-    if isinstance(output, nn.Module):
-        heads.update(name for name, module in model.named_modules() if module is output)
-    return heads
+    if not isinstance(output, nn.Module):
+        return set()
+    return {name for name, module in model.named_modules() if module is output}
 
 
 def _lorakit_internal_names(model: nn.Module) -> set[str]:
@@ -111,7 +115,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         raise ValueError("LoraConfig.target_modules is None: name the modules to adapt, e.g. ['q_proj', 'v_proj']")
 
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
-        heads = output_head_names(model)
+        heads = output_head_names(model, config.task_type)
         selected = [
             n for n in names
             if (is_linear(modules[n]) or isinstance(modules[n], AdapterLayer) and is_linear(modules[n].base_layer))

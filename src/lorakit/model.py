@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lorakit.config import LoraConfig
-from lorakit.layers import AdapterLayer, ModulesToSave, wrap
+from lorakit.layers import AdapterLayer, ModulesToSave, check_supported, wrap
 from lorakit.matching import find_modules_to_save, find_targets, pattern_value
 
 CONFIGS_ATTRIBUTE = "lorakit_configs"
@@ -94,6 +94,8 @@ def _add(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
     targets = find_targets(model, config)
     saved = find_modules_to_save(model, config)
     modules = dict(model.named_modules())
+    for name in targets:
+        check_supported(name, modules[name], config.use_dora, config.init_lora_weights)
     new_wrappers: dict[str, nn.Module] = {}
     touched: list[AdapterLayer | ModulesToSave] = []
     try:
@@ -160,16 +162,14 @@ def _set_trainable(model: nn.Module, trainable: str | None) -> None:
             if _is_adapter_parameter(name):
                 parameter.requires_grad_(name.split(".")[1] == trainable)
     bias = adapter_configs(model)[trainable].bias if trainable else "none"
-    for name, module in model.named_modules():
-        if isinstance(module, (AdapterLayer, ModulesToSave)) or not isinstance(getattr(module, "bias", None),
-                                                                                nn.Parameter):
+    adapted_biases = {f"{name}.base_layer.bias" for name, layer in adapter_layers(model)
+                      if isinstance(layer, AdapterLayer) and trainable in layer.adapter_names}
+    for name, parameter in model.named_parameters():
+        # Biases as PEFT picks them: by parameter name. A ModulesToSave's original is never used while the
+        # adapter is active, so its bias stays frozen; the trained copy's bias trains with the copy.
+        if name.rsplit(".", 1)[-1] != "bias" or _is_adapter_parameter(name) or ".original_module." in f".{name}":
             continue
-        inside_layer = name.endswith(".base_layer")
-        parent = model.get_submodule(name.rsplit(".", 1)[0]) if inside_layer else None
-        wants = bias == "all" or (bias == "lora_only" and isinstance(parent, AdapterLayer)
-                                  and trainable in parent.adapter_names)
-        if ".modules_to_save." not in f".{name}.":
-            module.bias.requires_grad_(wants)
+        parameter.requires_grad_(bias == "all" or (bias == "lora_only" and name in adapted_biases))
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
@@ -178,6 +178,9 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     If the adapter was active, the first remaining adapter becomes active (as in PEFT).
     """
     _check_names(model, [adapter_name])
+    for name, layer in adapter_layers(model):
+        if isinstance(layer, AdapterLayer) and adapter_name in layer.merged_adapters:
+            raise RuntimeError(f"adapter {adapter_name!r} is merged into {name!r}; unmerge() before deleting it")
     was_active = adapter_name in active_adapters(model)
     for name, layer in list(adapter_layers(model)):
         layer.delete_adapter(adapter_name)
@@ -236,14 +239,27 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
 def merge(model: nn.Module, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
     """Fold adapters (default: the active ones) into the base weights: inference then costs nothing extra.
 
-    With ``safe_merge`` each merged weight is computed aside and checked for non-finite values first.
+    All or nothing: every layer is checked before any weight is written. With ``safe_merge`` every merged
+    weight is also computed aside once and checked for non-finite values first (twice the merge work).
+
+    Raises:
+        ValueError: an unknown adapter name.
+        RuntimeError: an adapter is already merged, or ``safe_merge`` found a non-finite merged weight
+            (the message names the layer). The model is then unchanged.
     """
     if adapter_names is not None:
         _check_names(model, adapter_names)
-    for _, layer in adapter_layers(model):
+    plan: list[tuple[str, AdapterLayer, list[str]]] = []
+    for name, layer in adapter_layers(model):
         if isinstance(layer, AdapterLayer):
-            names = adapter_names if adapter_names is not None else layer.active_adapters
-            layer.merge([n for n in names if n in layer.adapter_names], safe_merge=safe_merge)
+            wanted = adapter_names if adapter_names is not None else layer.active_adapters
+            names = layer._names_to_merge([n for n in wanted if n in layer.adapter_names])
+            if safe_merge and names and not torch.isfinite(layer._merge_result(names)[0]).all():
+                raise RuntimeError(f"merging adapters {names} into {name!r} gives non-finite weights; "
+                                   "nothing was merged")
+            plan.append((name, layer, names))
+    for _, layer, names in plan:
+        layer.merge(names)
 
 
 @torch.no_grad()

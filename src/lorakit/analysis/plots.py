@@ -15,6 +15,7 @@ import torch
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from lorakit.analysis import spectrum
 
@@ -102,10 +103,12 @@ def plot_rank_by_layer(report: RankReport, path: Path) -> None:
         xs = [layer.layer_index if layer.layer_index is not None else i for i, layer in enumerate(layers)]
         axes[0].plot(xs, [layer.energy_rank for layer in layers], marker=".", label=kind)
         axes[1].plot(xs, [layer.stable_rank for layer in layers], marker=".", label=kind)
+    axes[0].yaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_title(f"rank holding {report.threshold:g} of the energy", fontsize=10)
     axes[1].set_title("stable rank ‖ΔW‖_F² / ‖ΔW‖₂²", fontsize=10)
     for axis in axes:
         axis.set_xlabel("layer index")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize=7)
     figure.savefig(path, dpi=100)

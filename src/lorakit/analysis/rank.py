@@ -197,7 +197,8 @@ def _analyse_adapter(adapter: Adapter, threshold: float) -> RankReport:
         report.skipped[name] = "full module copy: needs the base model to form ΔW"
     if adapter.use_dora:
         report.notes.append(
-            "DoRA adapter analysed without its base: the magnitude vector is ignored, only scaling·BA is shown."
+            "DoRA adapter analysed without its base: the magnitude vector is ignored, "
+            "only scaling·BA is shown."
         )
     return report
 

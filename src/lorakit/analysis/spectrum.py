@@ -33,12 +33,14 @@ def lowrank_singular_values(lora_B: torch.Tensor, lora_A: torch.Tensor, scaling:
     instead of O(out·in·r). Returns shape (r,), descending, float64.
     """
     if lora_B.ndim != 2 or lora_A.ndim != 2 or lora_B.shape[1] != lora_A.shape[0]:
-        raise ValueError(f"B (out, r) and A (r, in) do not chain: {tuple(lora_B.shape)} @ {tuple(lora_A.shape)}")
+        raise ValueError(
+            f"B (out, r) and A (r, in) do not chain: {tuple(lora_B.shape)} @ {tuple(lora_A.shape)}"
+        )
     _, r_b = torch.linalg.qr(lora_B.to(torch.float64))  # (min(out, r), r)
     _, r_a = torch.linalg.qr(lora_A.to(torch.float64).T)  # (min(in, r), r)
     core = scaling * (r_b @ r_a.T)
     values = torch.linalg.svdvals(core)
-    # a core smaller than r (out < r or in < r) has fewer values; pad with the exact zeros the full product has
+    # a core smaller than r (out < r or in < r) has fewer values: pad with the product's exact zeros
     r = lora_A.shape[0]
     return torch.cat([values, values.new_zeros(r - values.numel())]) if values.numel() < r else values
 

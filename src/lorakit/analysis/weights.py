@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -29,6 +28,8 @@ from typing import Literal
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+
+from lorakit.matching import pattern_value
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -47,19 +48,6 @@ def is_adapter_folder(path: str | Path) -> bool:
     """True when ``path`` holds a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``)."""
     path = Path(path)
     return (path / ADAPTER_CONFIG).is_file() and (path / ADAPTER_WEIGHTS).is_file()
-
-
-def pattern_value(patterns: dict[str, float], module: str, default: float) -> float:
-    """The value of the first key in ``patterns`` that matches ``module``, else ``default``.
-
-    PEFT's rule (``peft.utils.other.get_pattern_key``): key ``k`` applies to module name ``n`` when
-    ``re.match(rf"(.*\\.)?({k})$", n)``, i.e. ``k`` matches a dotted suffix of the name; dict order
-    decides between several matching keys.
-    """
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
 
 
 def lora_scaling(config: dict, module: str) -> tuple[int, float]:

@@ -37,7 +37,7 @@ def default_cache_dir() -> Path:
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "lorakit"
 
 
-def cache_entry(gguf_path: Path, cache_dir: Path | None = None) -> Path:
+def cache_entry(gguf_path: Path, cache_dir: str | Path | None = None) -> Path:
     """The folder a GGUF file converts into (it may not exist yet)."""
     stat = gguf_path.stat()
     fingerprint = f"{CACHE_FORMAT}|{gguf_path.name}|{stat.st_size}|{stat.st_mtime_ns}"
@@ -46,7 +46,7 @@ def cache_entry(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     return root / "gguf" / f"{gguf_path.stem}-{key}"
 
 
-def converted_folder(gguf_path: str | Path, cache_dir: Path | None = None) -> Path:
+def converted_folder(gguf_path: str | Path, cache_dir: str | Path | None = None) -> Path:
     """The cached HF folder for ``gguf_path``, converting the file first if it is not cached yet."""
     from filelock import FileLock  # a dependency of huggingface_hub, hence always there with transformers
 
@@ -66,7 +66,7 @@ def converted_folder(gguf_path: str | Path, cache_dir: Path | None = None) -> Pa
             record["format"] = CACHE_FORMAT
             # Written last: its presence marks a complete entry.
             (building / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-            if target.exists():  # a stale, incomplete entry from a crash before this code existed
+            if target.exists():  # a folder without SOURCE_FILE is incomplete (e.g. copied by hand)
                 shutil.rmtree(target)
             os.replace(building, target)
         finally:
@@ -84,9 +84,11 @@ def convert_gguf(gguf_path: Path, folder: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with quiet_progress(capture_stderr=True):
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        tokenizer = AutoTokenizer.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True
+        )
         gguf_model = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, local_files_only=True
         )
         # A GGUF-loaded model carries a "gguf" quantization_config and refuses save_pretrained;
         # rebuild a plain model of the same config and copy the (already de-quantised) weights.

@@ -40,7 +40,7 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPE_NAMES)}") from None
 
 
-def model_folder(name_or_path: str | Path, *, cache_dir: Path | None = None) -> Path:
+def model_folder(name_or_path: str | Path, *, cache_dir: str | Path | None = None) -> Path:
     """The local HF folder for a built-in name, an HF folder or a GGUF (converted once, then cached)."""
     source = locate(name_or_path)
     if source.kind == "gguf":
@@ -52,7 +52,7 @@ def load_causal_lm(
     name_or_path: str | Path = DEFAULT_CAUSAL_LM,
     *,
     dtype: torch.dtype | str = torch.float32,
-    cache_dir: Path | None = None,
+    cache_dir: str | Path | None = None,
     quantize: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` for causal language modelling, in eval mode, never from the network.
@@ -77,7 +77,7 @@ def load_classifier(
     num_labels: int,
     *,
     dtype: torch.dtype | str = torch.float32,
-    cache_dir: Path | None = None,
+    cache_dir: str | Path | None = None,
     quantize: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` for sequence classification with a fresh ``num_labels`` head.
@@ -94,8 +94,15 @@ def load_classifier(
     tokenizer = _load_tokenizer(folder)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
+    # ignore_mismatched_sizes: a checkpoint that already has a head of another size (say a
+    # 2-class model asked for 3 labels) gets a fresh head instead of an error.
     model = _from_pretrained(
-        AutoModelForSequenceClassification, folder, torch_dtype, quantize, num_labels=num_labels
+        AutoModelForSequenceClassification,
+        folder,
+        torch_dtype,
+        quantize,
+        num_labels=num_labels,
+        ignore_mismatched_sizes=True,
     )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -6,7 +6,7 @@ holding 4-bit NormalFloat weights (QLoRA's format). Two defaults matter:
 * **double quantisation is on** (``bnb_4bit_use_double_quant=True``): the per-block fp32 scales are
   themselves quantised to 8 bits, saving ~0.4 bit per weight at no measurable cost in quality;
   this is QLoRA's recipe.
-* **heads stay unquantised**: ``lm_head``, ``score``, ``classifier`` and BERT's ``pooler`` keep
+* **heads stay unquantised**: ``lm_head``, ``score``, ``classifier`` and BERT's ``pooler.dense`` keep
   their dtype, because they are small, sensitive, and often trained (``modules_to_save``).
 
 The compute dtype is the model's ``dtype`` (fp32 by default on CPUs without bf16). With
@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 QUANTIZE_CHOICES = ("nf4",)
-UNQUANTIZED_HEADS = ("lm_head", "score", "classifier", "pooler")
+# Matched by transformers as a prefix or a suffix of the module name ("pooler.dense" is BERT's pooler).
+UNQUANTIZED_HEADS = ("lm_head", "score", "classifier", "pooler.dense")
 
 
 def quantization_config(quantize: str | None, dtype: torch.dtype) -> Any | None:
@@ -29,7 +30,9 @@ def quantization_config(quantize: str | None, dtype: torch.dtype) -> Any | None:
     if quantize is None:
         return None
     if quantize not in QUANTIZE_CHOICES:
-        raise ValueError(f"quantize={quantize!r} is not supported; expected None or one of {QUANTIZE_CHOICES}")
+        raise ValueError(
+            f"quantize={quantize!r} is not supported; expected None or one of {QUANTIZE_CHOICES}"
+        )
     try:
         import bitsandbytes  # noqa: F401  (checked here so the error says what to install)
     except ImportError as error:

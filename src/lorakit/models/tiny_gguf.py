@@ -102,7 +102,9 @@ def write_tiny_llama_gguf(
         prefix = f"model.layers.{index}."
         block = f"blk.{index}."
         tensors[block + "attn_norm.weight"] = state[prefix + "input_layernorm.weight"].numpy()
-        tensors[block + "attn_q.weight"] = _permute_for_gguf(state[prefix + "self_attn.q_proj.weight"], n_head)
+        tensors[block + "attn_q.weight"] = _permute_for_gguf(
+            state[prefix + "self_attn.q_proj.weight"], n_head
+        )
         tensors[block + "attn_k.weight"] = _permute_for_gguf(state[prefix + "self_attn.k_proj.weight"], n_kv)
         tensors[block + "attn_v.weight"] = state[prefix + "self_attn.v_proj.weight"].numpy()
         tensors[block + "attn_output.weight"] = state[prefix + "self_attn.o_proj.weight"].numpy()

@@ -1,0 +1,176 @@
+"""Activation memory of one training step: what autograd keeps between forward and backward.
+
+The estimate is an inventory of the tensors a transformer block saves for its backward pass, per
+token, written from what transformers' eager modules actually hand to autograd (checked tensor by
+tensor with ``torch.autograd.graph.saved_tensors_hooks`` on a LLaMA block). Notation, per token:
+h hidden size, i intermediate size, a query heads, g = kv_heads·head_dim, h_q = a·head_dim, s the
+sequence length, p the bytes of the compute dtype (2 for bf16/fp16, 4 for fp32).
+
+RMSNorm (LLaMA) computes in fp32: it saves x in fp32 (4h), 1/rms (4 bytes), and, when its weight
+trains, the normalised input in the compute dtype (p·h). LayerNorm saves x (p·h) and mean/rstd (8).
+
+A linear layer saves its input only when something needs it: a trainable weight (full fine-tuning)
+or an adapter's A (LoRA). Inputs are shared by role: q/k/v read one tensor (the first norm's
+output), gate/up read the second norm's output, o_proj reads the attention output, down_proj the
+gated product. A frozen or 4-bit base layer saves nothing of its input.
+
+Attention, ``sdpa`` (flash/efficient kernels, CPU flash): q and the output (p·h_q each), k and v
+(p·g each: GQA is passed to SDPA unexpanded when there is no padding mask), and the log-sum-exp
+(4 bytes per head). ``eager``: q, the expanded k and v (p·h_q each), the fp32 softmax (4·a·s), its
+copy in the compute dtype (p·a·s, only when p ≠ 4), and the contiguous attention output (p·h_q) when
+o_proj saves its input.
+
+MLP: gated (SwiGLU): gate and up outputs and the activation (3·p·i), plus the product (p·i) when
+down_proj saves its input. Plain (GELU): the first projection's output, saved by the activation.
+
+Adapters (lorakit and PEFT keep A and B in fp32): with a bf16/fp16 base each adapted module casts its
+input to fp32 and A saves that copy (4·in per module, not shared); with dropout A saves the dropped
+copy (4·in) and dropout its mask. Every adapted module also saves A's output (4·r).
+
+The head: the final norm, and the logits: b·s·V in the compute dtype (kept by the model output),
+the fp32 log-softmax saved by the cross-entropy, and at the start of backward its gradient and the
+logits' fp32 gradient: b·s·V·(p + 12) bytes.
+
+Gradient checkpointing keeps only each block's input (p·h per layer) and recomputes one block at a
+time during backward, so one block's activations come back on top.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+Attention = Literal["sdpa", "eager"]
+Role = Literal["qkv", "attn_out", "mlp_in", "mlp_mid"]
+
+# Ordered: the attention output projection must be tried before the MLP output ("output.dense").
+_ROLE_PATTERNS: tuple[tuple[Role, re.Pattern[str]], ...] = (
+    ("attn_out", re.compile(r"(^|\.)(o_proj|out_proj|attn\.c_proj|attention\.(output\.)?dense)$")),
+    ("qkv", re.compile(r"(^|\.)(q_proj|k_proj|v_proj|qkv_proj|c_attn|query|key|value|query_key_value)$")),
+    ("mlp_in", re.compile(r"(^|\.)(gate_proj|up_proj|gate_up_proj|c_fc|intermediate\.dense|fc1|w1|w3)$")),
+    ("mlp_mid", re.compile(r"(^|\.)(down_proj|mlp\.c_proj|output\.dense|fc2|w2)$")),
+)
+
+
+def linear_role(name: str) -> Role | None:
+    """Which block input a linear layer reads (``model.layers.0.mlp.up_proj`` → ``mlp_in``), or None."""
+    for role, pattern in _ROLE_PATTERNS:
+        if pattern.search(name):
+            return role
+    return None
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """The sizes of a transformer block, read from a config (see ``lorakit.analysis.memory``)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_layers: int
+    vocab_size: int
+    gated_mlp: bool = True
+    rms_norm: bool = True
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    # tensors of size i the MLP activation saves: 1 for SiLU/ReLU/erf-GELU (its input), 4 for GPT-2's
+    # tanh-GELU written out in Python (input, x³ term, tanh output, 0.5·x)
+    activation_saves: int = 1
+
+
+@dataclass(frozen=True)
+class AdaptedLinear:
+    """A linear layer with an adapter (or, for full fine-tuning, any linear layer)."""
+
+    name: str
+    in_features: int
+    out_features: int
+
+    @property
+    def role(self) -> Role | None:
+        return linear_role(self.name)
+
+
+def block_activation_bytes(
+    shape: BlockShape,
+    batch_size: int,
+    seq_len: int,
+    dtype_bytes: int,
+    full: bool,
+    adapted: Sequence[AdaptedLinear] = (),
+    r: int = 0,
+    lora_dropout: float = 0.0,
+    attention: Attention = "sdpa",
+    mask_bytes: int = 1,
+) -> dict[str, int]:
+    """Bytes one block saves for backward, by part (norms, attention, scores, mlp, adapters, dropout).
+
+    ``full``: every weight trains (every linear saves its input, norm weights train). Otherwise
+    ``adapted`` lists the block's adapted linear layers (rank ``r``, dropout ``lora_dropout``).
+    ``mask_bytes`` is the size of a dropout mask element (1: CUDA's bool mask).
+    """
+    p = dtype_bytes
+    tokens = batch_size * seq_len
+    h, i, a = shape.hidden_size, shape.intermediate_size, shape.num_heads
+    h_q, g = a * shape.head_dim, shape.num_kv_heads * shape.head_dim
+
+    # Which role inputs are kept once, in the compute dtype, shared by the layers that read them.
+    shared: set[str] = {"qkv", "attn_out", "mlp_in", "mlp_mid"} if full else set()
+    adapter_bytes = 0
+    for linear in adapted if not full else ():
+        adapter_bytes += 4 * r  # A's output, saved by B
+        if lora_dropout > 0:
+            adapter_bytes += (4 + mask_bytes) * linear.in_features
+        elif p != 4:
+            adapter_bytes += 4 * linear.in_features  # the fp32 cast copy of the input, one per module
+        elif linear.role is not None:
+            shared.add(linear.role)
+        else:
+            adapter_bytes += 4 * linear.in_features
+
+    norm = 4 * h + 4 + (p * h if full else 0) if shape.rms_norm else p * h + 8
+    norms = 2 * norm + p * h * (("qkv" in shared) + ("mlp_in" in shared))
+
+    if attention == "sdpa":
+        attention_bytes = p * (2 * h_q + 2 * g) + 4 * a
+        scores = 0
+    elif attention == "eager":
+        attention_bytes = p * 3 * h_q + (p * h_q if "attn_out" in shared else 0)
+        scores = a * seq_len * (4 + (p if p != 4 else 0))
+        if shape.attention_dropout > 0:
+            scores += a * seq_len * (mask_bytes + p)
+    else:
+        raise ValueError(f"attention must be 'sdpa' or 'eager', got {attention!r}")
+
+    saves = 3 if shape.gated_mlp else shape.activation_saves
+    mlp = p * i * saves + (p * i if "mlp_mid" in shared else 0)
+    dropout = 2 * mask_bytes * h if shape.hidden_dropout > 0 else 0
+
+    parts = {
+        "norms": norms,
+        "attention": attention_bytes,
+        "attention_scores": scores,
+        "mlp": mlp,
+        "adapters": adapter_bytes,
+        "dropout": dropout,
+    }
+    return {name: value * tokens for name, value in parts.items()}
+
+
+def head_activation_bytes(
+    shape: BlockShape, batch_size: int, seq_len: int, dtype_bytes: int, head_trains: bool, full: bool
+) -> dict[str, int]:
+    """The final norm and the logits path (see the module docstring), in bytes."""
+    p = dtype_bytes
+    tokens = batch_size * seq_len
+    h = shape.hidden_size
+    norm = (4 * h + 4 + (p * h if full else 0)) if shape.rms_norm else p * h + 8
+    norm += p * h if head_trains else 0
+    return {
+        "final_norm": norm * tokens,
+        "logits": shape.vocab_size * (p + 12) * tokens,
+    }

@@ -1,0 +1,178 @@
+"""`lorakit train`: fine-tune a model with LoRA / DoRA / QLoRA on chat, instruction, text or classify data.
+
+Options come from ``--config run.yaml`` (same names as the flags, ``-`` or ``_``) and from the flags,
+which override the file. Under ``torchrun --nproc-per-node N -m lorakit.cli.main train ...`` every
+process trains its shard of each global batch and rank 0 writes the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+_NOT_CONFIG = ("func", "command", "config", "quiet")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="fine-tune a model with LoRA (DoRA, QLoRA, torchrun)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument(
+        "--config", default=None, help="a YAML file of options (flags given here override it)"
+    )
+    parser.add_argument("--quiet", action="store_true", default=False, help="no progress bar")
+
+    what = parser.add_argument_group("model and data")
+    what.add_argument(
+        "--model", help="built-in name (smollm2-135m-instruct, minilm-l6), HF folder or .gguf file"
+    )
+    what.add_argument(
+        "--task", choices=("causal", "classify"), help="causal LM loss or classification (default causal)"
+    )
+    what.add_argument(
+        "--data", help="training data: .jsonl .json .csv .tsv .parquet or a save_to_disk folder"
+    )
+    what.add_argument(
+        "--format", type=_format, help="chat | instruction | text | classify | auto (default auto)"
+    )
+    what.add_argument("--eval-data", help="evaluation data, same formats")
+    what.add_argument("--max-length", type=int, help="tokens per example (default 512)")
+    long = what.add_mutually_exclusive_group()
+    long.add_argument(
+        "--truncate",
+        dest="long_examples",
+        action="store_const",
+        const="truncate",
+        help="cut examples longer than --max-length (default)",
+    )
+    long.add_argument(
+        "--skip-long",
+        dest="long_examples",
+        action="store_const",
+        const="skip",
+        help="leave out examples longer than --max-length",
+    )
+    what.add_argument("--packing", action=argparse.BooleanOptionalAction, help="pack short examples together")
+
+    adapter = parser.add_argument_group("adapter")
+    adapter.add_argument("--r", type=int, help="rank (default 16)")
+    adapter.add_argument("--alpha", type=float, help="lora_alpha (default 32)")
+    adapter.add_argument("--dropout", type=float, help="lora_dropout (default 0.05)")
+    adapter.add_argument(
+        "--targets", type=_targets, help="comma-separated module names or all-linear (default)"
+    )
+    adapter.add_argument("--dora", action=argparse.BooleanOptionalAction, help="weight-decomposed LoRA")
+    adapter.add_argument("--rslora", action=argparse.BooleanOptionalAction, help="scale by alpha / sqrt(r)")
+    adapter.add_argument("--quantize", type=_quantize, help="nf4: QLoRA, the base in 4-bit (none: off)")
+
+    optimisation = parser.add_argument_group("optimisation")
+    optimisation.add_argument("--lr", type=float, help="peak learning rate (default 2e-4)")
+    optimisation.add_argument(
+        "--loraplus-ratio", type=float, help="LoRA+: lr of lora_B = ratio × lr (e.g. 16)"
+    )
+    optimisation.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
+    optimisation.add_argument("--scheduler", choices=("cosine", "linear", "constant"), help="default cosine")
+    optimisation.add_argument(
+        "--warmup-ratio", type=float, help="warmup as a fraction of the steps (default 0.03)"
+    )
+    optimisation.add_argument("--warmup-steps", type=int, help="warmup in steps (overrides --warmup-ratio)")
+    optimisation.add_argument("--max-grad-norm", type=float, help="gradient clipping norm (default 1.0)")
+    length = optimisation.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=float, help="passes over the data (default 1)")
+    length.add_argument("--steps", type=int, help="optimizer steps (instead of --epochs)")
+    optimisation.add_argument(
+        "--batch-size", type=int, help="examples per micro-batch per process (default 8)"
+    )
+    optimisation.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    optimisation.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bfloat16 autocast")
+    optimisation.add_argument(
+        "--grad-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        help="recompute activations in backward (less memory)",
+    )
+    optimisation.add_argument("--loss-chunk-size", type=int, help="label tokens per chunk of the lean loss")
+    optimisation.add_argument("--seed", type=int, help="default 0")
+
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--eval-every", type=int, help="evaluate every N steps (and at the end)")
+    evaluation.add_argument("--eval-batch-size", type=int)
+    evaluation.add_argument(
+        "--eval-metric",
+        choices=("loss", "accuracy", "exact_match"),
+        help="what early stopping watches (default loss)",
+    )
+    evaluation.add_argument(
+        "--exact-match-examples",
+        type=int,
+        help="generate answers for the first N eval examples and score exact match",
+    )
+    evaluation.add_argument("--max-new-tokens", type=int, help="generation length for exact match")
+    evaluation.add_argument(
+        "--early-stopping-patience",
+        type=int,
+        help="stop after N evaluations without improvement; keep the best adapter",
+    )
+
+    run = parser.add_argument_group("output")
+    run.add_argument("--output", help="run folder (default runs/lorakit)")
+    run.add_argument("--save-every", type=int, help="write a resumable checkpoint every N steps")
+    run.add_argument("--keep-checkpoints", type=int, help="how many checkpoints to keep (default 2)")
+    run.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        type=_resume,
+        help="continue from the newest checkpoint in --output, or from the one named",
+    )
+    run.add_argument("--log-every", type=int, help="metrics.jsonl record every N steps (default 1)")
+    run.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA if present)")
+    parser.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from lorakit.train import TqdmProgress, build_config, train
+
+    overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
+    config = build_config(args.config, overrides)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    progress = TqdmProgress(disable=args.quiet or not main_process, file=sys.stderr)
+    result = train(config, progress)
+    if main_process:
+        summary = f"trained {result.step}/{result.total_steps} steps"
+        if result.losses:
+            summary += f", last loss {result.losses[-1]:.4f}"
+        if result.best_metric is not None:
+            summary += f", best eval {config.eval_metric} {result.best_metric:.4f} at step {result.best_step}"
+        if result.stopped_early:
+            summary += " (stopped early)"
+        print(f"{summary}\nadapter, metrics.jsonl, loss.png and run_config.yaml in {config.output}")
+    return 0
+
+
+def _format(value: str) -> str | None:
+    return None if value == "auto" else value
+
+
+def _targets(value: str) -> str | list[str]:
+    # One or more plain module names; `all-linear` stays a string (the matcher's keyword).
+    if value.lower() == "all-linear":
+        return "all-linear"
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def _quantize(value: str) -> str | None:
+    if value.lower() in ("none", "off", "no"):
+        return None
+    if value != "nf4":
+        raise argparse.ArgumentTypeError(f"--quantize must be nf4 or none, got {value!r}")
+    return value
+
+
+def _resume(value: str) -> bool | str:
+    return True if value.lower() in ("true", "latest") else value

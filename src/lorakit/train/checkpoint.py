@@ -1,0 +1,161 @@
+"""Resumable checkpoints, written atomically.
+
+A checkpoint is a folder ``<output>/checkpoints/step-<N>`` holding ``trainer_state.pt``: the trainable
+parameters by name, the optimizer and scheduler states, the RNG states of every process (python, numpy,
+torch CPU and CUDA), the data-order position, the step, the early-stopping state and the best adapter
+so far. It is written into a temporary sibling folder and renamed into place with ``os.replace``, so a
+folder named ``step-<N>`` is always complete: a run killed while writing leaves only a ``.tmp-*`` folder,
+which `latest_checkpoint` ignores and the next save removes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+STATE_FILE = "trainer_state.pt"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's RNG states: python ``random``, numpy's global, torch CPU and every CUDA device."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA) from one integer."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def checkpoint_dir(output: str | Path, step: int) -> Path:
+    return Path(output) / "checkpoints" / f"step-{step:08d}"
+
+
+def list_checkpoints(output: str | Path) -> list[Path]:
+    """Complete checkpoints under ``output/checkpoints``, oldest first."""
+    root = Path(output) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), path)
+        for path in root.iterdir()
+        if (m := _STEP_DIR.match(path.name)) and (path / STATE_FILE).is_file()
+    ]
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(output: str | Path) -> Path | None:
+    found = list_checkpoints(output)
+    return found[-1] if found else None
+
+
+def write_atomically(target: Path, write: Callable[[Path], None]) -> Path:
+    """Run ``write(folder)`` on a fresh temporary folder, then rename it to ``target`` in one step.
+
+    A previous ``target`` is replaced (moved aside first, since a directory cannot be renamed over a
+    non-empty one); stale temporary folders of earlier crashed writes are removed.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".tmp-{target.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    temporary = target.parent / f".tmp-{target.name}-{os.getpid()}"
+    temporary.mkdir()
+    try:
+        write(temporary)
+        _fsync_tree(temporary)
+        if target.exists():
+            old = target.parent / f".old-{target.name}-{os.getpid()}"
+            os.replace(target, old)
+            os.replace(temporary, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(temporary, target)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return target
+
+
+def _fsync_tree(folder: Path) -> None:
+    # The rename must not become visible before the data: flush the files first.
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def save_checkpoint(
+    output: str | Path,
+    step: int,
+    state: dict[str, Any],
+    keep: int = 2,
+    extra_writer: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write ``state`` as checkpoint ``step`` (atomically), then delete all but the newest ``keep``.
+
+    ``extra_writer(folder)`` may add files (the adapter in PEFT format, for use without resuming).
+    """
+
+    def write(folder: Path) -> None:
+        torch.save(state, folder / STATE_FILE)
+        if extra_writer is not None:
+            extra_writer(folder)
+
+    path = write_atomically(checkpoint_dir(output, step), write)
+    for old in list_checkpoints(output)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The state saved by `save_checkpoint` (a folder, or its ``trainer_state.pt``)."""
+    path = Path(path)
+    file = path / STATE_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path} (expected {file})")
+    # weights_only=False: the state holds python/numpy RNG tuples; the file is one this library wrote.
+    return torch.load(file, map_location="cpu", weights_only=False)
+
+
+def resolve_resume(resume: bool | str, output: str | Path) -> Path | None:
+    """The checkpoint folder ``resume`` refers to: the newest in ``output`` for True, a path as given.
+
+    Raises:
+        FileNotFoundError: ``resume`` is a path without a checkpoint.
+    """
+    if resume is False or resume is None:
+        return None
+    if resume is True or str(resume).lower() in ("true", "latest"):
+        return latest_checkpoint(output)
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        found = latest_checkpoint(path)  # the run folder itself may be named
+        if found is None:
+            raise FileNotFoundError(f"resume={resume!r}: no checkpoint there (no {STATE_FILE})")
+        return found
+    return path

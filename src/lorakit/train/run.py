@@ -1,0 +1,147 @@
+"""`train(config)`: a whole run from a `TrainConfig`: model, adapter, data, the loop, the output folder.
+
+The output folder ends up with the adapter in PEFT's layout (adapter_config.json,
+adapter_model.safetensors), metrics.jsonl, loss.png, run_config.yaml (the exact options used) and,
+when ``save_every`` is set, checkpoints/.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.model import inject
+from lorakit.train.checkpoint import seed_everything
+from lorakit.train.config import TrainConfig, write_yaml
+from lorakit.train.distributed import Distributed
+from lorakit.train.evaluate import Scorer, exact_match_scorer
+from lorakit.train.loop import fit, make_autocast
+from lorakit.train.progress import TrainCallback
+from lorakit.train.state import TrainResult
+
+RUN_CONFIG_FILE = "run_config.yaml"
+
+
+def lora_config(config: TrainConfig) -> LoraConfig:
+    """The adapter `config` asks for, as a `lorakit.LoraConfig` (PEFT's names)."""
+    return LoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=config.targets,
+        use_dora=config.dora,
+        use_rslora=config.rslora,
+        task_type="SEQ_CLS" if config.task == "classify" else "CAUSAL_LM",
+        base_model_name_or_path=config.model,
+    )
+
+
+def train(config: TrainConfig, progress: TrainCallback | None = None) -> TrainResult:
+    """Load the model and data that ``config`` names, inject the adapter, train, and write the run folder.
+
+    Works the same on one process and under ``torchrun`` (each process loads the model; only rank 0
+    writes). ``progress`` receives the loop's events on rank 0 (e.g. `lorakit.train.TqdmProgress`).
+
+    Raises:
+        ValueError: an inconsistent configuration (missing model or data, task and format disagree, ...).
+        lorakit.data.DataError: a malformed data row (the message names its file and line).
+    """
+    if not config.model or not config.data:
+        raise ValueError("train needs a model (--model) and training data (--data)")
+    if config.eval_metric == "exact_match" and not (config.exact_match_examples and config.eval_data):
+        raise ValueError(
+            "eval_metric='exact_match' needs eval_data and exact_match_examples > 0 (how many "
+            "eval examples to generate answers for)"
+        )
+    if (config.eval_every or config.early_stopping_patience) and not config.eval_data:
+        raise ValueError("eval_every / early_stopping_patience need eval_data")
+    context = Distributed.from_env(config.device)
+    try:
+        seed_everything(config.seed)  # the adapter's initial weights and a classifier head's
+        model, tokenizer, train_examples, eval_examples, eval_rows = _prepare(config)
+        if context.is_main:
+            Path(config.output).mkdir(parents=True, exist_ok=True)
+            write_yaml(config, Path(config.output) / RUN_CONFIG_FILE)
+        scorer = _scorer(config, tokenizer, eval_rows, context) if eval_rows is not None else None
+        from lorakit.data import pad_collator
+
+        return fit(
+            model,
+            train_examples,
+            config,
+            collate=pad_collator(tokenizer),
+            eval_data=eval_examples,
+            scorer=scorer,
+            callback=progress,
+            context=context,
+        )
+    finally:
+        context.close()
+
+
+def _prepare(config: TrainConfig) -> tuple[nn.Module, Any, list[Any], list[Any] | None, list[Any] | None]:
+    """``(model with adapter, tokenizer, train examples, eval examples, eval rows)``."""
+    from lorakit.data import detect_format, label_ids, prepare_examples, read_rows
+
+    rows = read_rows(config.data)
+    choice = detect_format(rows, config.format or "auto")
+    if (choice.format == "classify") != (config.task == "classify"):
+        raise ValueError(
+            f"task={config.task!r} does not fit the data format {choice.description}; use "
+            "task 'classify' with classify data and 'causal' with chat/instruction/text data"
+        )
+    label_names = None
+    # QLoRA with bf16: the 4-bit layers compute in bf16 (QLoRA's recipe) and the rest of the frozen base is
+    # stored in bf16. Otherwise the base stays fp32 and bf16 comes from autocast alone.
+    dtype = "bfloat16" if config.quantize and config.bf16 else "float32"
+    if config.task == "classify":
+        from lorakit.models import load_classifier
+
+        _, label_names, num_labels = label_ids(rows)
+        model, tokenizer = load_classifier(config.model, num_labels, quantize=config.quantize, dtype=dtype)
+    else:
+        from lorakit.models import load_causal_lm
+
+        model, tokenizer = load_causal_lm(config.model, quantize=config.quantize, dtype=dtype)
+    inject(model, lora_config(config))
+
+    options = {
+        "format": choice.format,
+        "max_length": config.max_length,
+        "truncate": config.long_examples == "truncate",
+        "skip_long": config.long_examples == "skip",
+    }
+    train_examples, stats = prepare_examples(
+        rows, tokenizer, source=str(config.data), pack=config.packing, labels=label_names, **options
+    )
+    if not train_examples:
+        raise ValueError(f"{config.data}: no training example left (skipped {stats.skipped} too long)")
+    eval_examples = eval_rows = None
+    if config.eval_data:
+        eval_rows = read_rows(config.eval_data)
+        # Evaluation is never packed: its loss is then per example, comparable between runs.
+        eval_examples, _ = prepare_examples(
+            eval_rows, tokenizer, source=str(config.eval_data), labels=stats.label_names, **options
+        )
+    return model, tokenizer, train_examples, eval_examples, eval_rows
+
+
+def _scorer(config: TrainConfig, tokenizer: Any, eval_rows: list[Any], context: Distributed) -> Scorer | None:
+    if config.exact_match_examples == 0 or config.task != "causal":
+        return None
+    from lorakit.train.prompts import prompts_and_references
+
+    prompt_ids, references = prompts_and_references(
+        eval_rows, tokenizer, config.format or "auto", config.exact_match_examples
+    )
+    return exact_match_scorer(
+        prompt_ids,
+        references,
+        tokenizer,
+        config.max_new_tokens,
+        config.eval_batch_size or config.batch_size,
+        make_autocast(context.device, config.bf16),
+    )
