@@ -143,7 +143,8 @@ def main() -> None:
         "ratios": ratios,
     }
     rows = [
-        ("unmerged forward, 1 adapter / base", ratios["lorakit_forward_vs_base"], ratios["peft_forward_vs_base"],
+        ("unmerged forward, 1 adapter / base", ratios["lorakit_forward_vs_base"],
+         ratios["peft_forward_vs_base"],
          "lorakit <= 1.08"),
         ("mixed batch of 8 adapters / 1 adapter", ratios["lorakit_mixed8_vs_single"],
          ratios["peft_mixed8_vs_single"], "lorakit <= 1.15, < peft"),
@@ -151,7 +152,8 @@ def main() -> None:
     lines = [
         "# Core benchmark: lorakit vs peft (same run)",
         "",
-        f"SmolLM2-135M-Instruct, fp32, batch 8 x 128, LoRA r=16 on all linear layers, {args.rounds} interleaved "
+        f"SmolLM2-135M-Instruct, fp32, batch 8 x 128, LoRA r=16 on all linear layers, "
+        f"{args.rounds} interleaved "
         f"rounds, torch {torch.__version__}, {torch.get_num_threads()} threads, peft {peft.__version__}. "
         f"Logits agree to {agree:.1e} (one adapter) and {agree_mixed:.1e} (mixed batch).",
         "",

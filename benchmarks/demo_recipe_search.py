@@ -230,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(3):
         log(f"sample {heldout[i].prompt!r} -> expected {heldout[i].answer!r}; "
             f"base {base['replies'][i] if base else None!r}; tuned {tuned['replies'][i]!r}")
+    if base:
+        hits = [(e.prompt, r) for e, r in zip(heldout, base["replies"]) if exact_match(r, e.answer)]
+        for prompt, reply in hits[:8]:
+            log(f"base hit {prompt!r} -> {reply!r}")
     wrong = [(e.prompt, e.answer, r) for e, r in zip(heldout, tuned["replies"])
              if not exact_match(r, e.answer)]
     for prompt, answer, reply in wrong[:8]:

@@ -15,11 +15,15 @@ VOCAB = 128
 
 
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: object) -> nn.Module:
-    """LlamaForCausalLM: hidden 32, 2 layers, 4 heads / 2 kv heads, vocab 128 (q/k/v/o, gate/up/down, lm_head)."""
+    """LlamaForCausalLM: hidden 32, 2 layers, 4 heads / 2 kv heads, vocab 128, untied lm_head.
+
+    Linear layers: q_proj (32->32), k_proj / v_proj (32->16), o_proj, gate_proj / up_proj (32->64), down_proj.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     values = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, tie_word_embeddings=False)
+                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
+                  tie_word_embeddings=False)
     values.update(overrides)
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**values)).to(dtype).eval()

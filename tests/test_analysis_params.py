@@ -70,7 +70,8 @@ def test_modules_to_save_counts_equal_peft() -> None:
 
 
 def test_llama_7b_q_v_is_4_194_304_not_128x_more() -> None:
-    report = count_parameters(meta_model(config_of(LLAMA_7B)), LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    lora = LoraConfig(r=8, target_modules=["q_proj", "v_proj"])
+    report = count_parameters(meta_model(config_of(LLAMA_7B)), lora)
     assert report.trainable == 4_194_304
     assert report.per_module_type["q_proj"].modules == 32
     assert report.per_module_type["q_proj"].parameters == 32 * 8 * (4096 + 4096)

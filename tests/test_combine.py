@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import peft
 import pytest
 import torch
+from conftest import tiny_bert, tiny_llama, token_ids
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 import lorakit
 from lorakit import io
 from lorakit.combine import combine_adapters
 from lorakit.layers import AdapterLayer
 
-IDS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+IDS = token_ids()
 # Adapter names avoid substrings of "lora_" ("a", "r", ...), which peft warns about.
 WEIGHTS = {"x": 0.7, "y": -0.3}
 TIGHT = {"atol": 1e-6, "rtol": 1e-5}
@@ -26,18 +27,13 @@ TIGHT = {"atol": 1e-6, "rtol": 1e-5}
 LOOSE = {"atol": 1e-4, "rtol": 1e-4}
 
 
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128)
-    return LlamaForCausalLM(config).eval()
-
-
-def tiny_bert() -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    config = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        vocab_size=128, max_position_embeddings=64, num_labels=3, initializer_range=0.2)
-    return BertForSequenceClassification(config).eval()
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    # Models this small only lose time to intra-op threads, badly so on a shared CPU; restored afterwards.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def logits(model: nn.Module) -> torch.Tensor:
@@ -215,6 +211,7 @@ def snapshot(model: nn.Module) -> dict[str, Any]:
     ({"x": 0.5, "y": float("nan")}, "xy", "cat", "finite number"),
     ({"x": 0.5, "y": 0.5}, "x", "cat", "'x' already exists"),
     ({"x": 0.5, "y": 0.5}, "x.y", "cat", "contain no '.'"),
+    ({"x": 0.5, "y": 0.5}, "half", "cat", "attribute of torch modules"),
     ({"x": 0.5, "y": 0.5}, "xy", "ties", "unknown combination method"),
     ({}, "xy", "cat", "at least one"),
 ])

@@ -137,7 +137,7 @@ def test_unsupported_embedding_found_before_an_earlier_linear_is_touched(option)
     torch.manual_seed(0)
     model = nn.ModuleDict({"proj": nn.Linear(6, 6), "emb": nn.Embedding(5, 6)})  # linear first
     snapshot = _snapshot(model)
-    with pytest.raises(ValueError, match="'emb' is an nn.Embedding"):
+    with pytest.raises(ValueError, match=r"'emb' is an nn\.Embedding"):
         lorakit.inject(model, LoraConfig(r=2, target_modules=["proj", "emb"], **option))
     _assert_unchanged(model, snapshot)
 
@@ -146,5 +146,5 @@ def test_bad_adapter_names_raise():
     model = lorakit.inject(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="already exists"):
         lorakit.add_adapter(model, LoraConfig(target_modules=["q_proj"]), "default")
-    with pytest.raises(ValueError, match="no '.'"):
+    with pytest.raises(ValueError, match=r"no '\.'"):
         lorakit.add_adapter(model, LoraConfig(target_modules=["q_proj"]), "a.b")

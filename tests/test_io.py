@@ -6,7 +6,7 @@ import copy
 import json
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,44 +14,34 @@ import peft
 import pytest
 import safetensors.torch
 import torch
+from conftest import tiny_gpt2, tiny_llama, token_ids
 from safetensors import safe_open
 from torch import nn
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
+from transformers import BertConfig, BertForSequenceClassification
 
 import lorakit
 from lorakit import io
 from lorakit.layers import AdapterLayer
 
-IDS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+IDS = token_ids()
 
 
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128)
-    return LlamaForCausalLM(config).eval()
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    # Models this small only lose time to intra-op threads, badly so on a shared CPU; restored afterwards.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_bert() -> BertForSequenceClassification:
+    """conftest's tiny BERT but with initializer_range 0.2: at the default 0.02 its logits are ~0.02 and an
+    adapter moves them by less than 1e-3, too little for a 1e-5 comparison to mean much."""
     torch.manual_seed(0)
     config = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                         vocab_size=128, max_position_embeddings=64, num_labels=3, initializer_range=0.2)
     return BertForSequenceClassification(config).eval()
-
-
-def tiny_gpt2() -> GPT2LMHeadModel:
-    """Its attention and MLP layers are transformers' Conv1D, weight stored (in, out)."""
-    torch.manual_seed(0)
-    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0,
-                        eos_token_id=0)
-    return GPT2LMHeadModel(config).eval()
 
 
 # name -> (base model factory, LoraConfig keyword arguments shared by lorakit and peft)
@@ -65,6 +55,8 @@ CASES: dict[str, tuple[Callable[[], nn.Module], dict[str, Any]]] = {
     "patterns": (tiny_llama, {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"],
                               "rank_pattern": {"v_proj": 2, "layers.1.self_attn.q_proj": 6},
                               "alpha_pattern": {"q_proj": 16, "down_proj": 3}}),
+    "head_and_layers": (tiny_llama, {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
+                                     "modules_to_save": ["lm_head"], "layers_to_transform": [1]}),
     "seq_cls": (tiny_bert, {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"],
                             "task_type": "SEQ_CLS"}),
     "conv1d": (tiny_gpt2, {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_proj"]}),
@@ -496,6 +488,8 @@ def test_missing_directory_and_taken_name(tmp_path: Path) -> None:
     before = snapshot(model)
     with pytest.raises(ValueError, match="'default' already exists"):
         io.load_adapter(model, tmp_path)
+    with pytest.raises(ValueError, match="attribute of torch modules"):
+        io.load_adapter(model, tmp_path, "half")
     assert_unchanged(model, before)
 
 

@@ -60,7 +60,8 @@ GRAD_CASES = [
 
 @pytest.mark.parametrize(("batch", "n_in", "n_out", "r", "bias", "rslora", "conv1d"), GRAD_CASES)
 def test_linear_forward_and_gradients_match_numpy_oracle(batch, n_in, n_out, r, bias, rslora, conv1d):
-    layer = _linear_layer(n_in, n_out, r, bias, seed=r * 100 + n_in, conv1d=conv1d, use_rslora=rslora, alpha=6.0)
+    layer = _linear_layer(n_in, n_out, r, bias, seed=r * 100 + n_in, conv1d=conv1d, use_rslora=rslora,
+                          alpha=6.0)
     assert layer.lora_A["default"].weight.dtype == torch.float64  # fp64 base keeps fp64 adapters
     generator = torch.Generator().manual_seed(n_out)
     x = torch.randn(*batch, n_in, dtype=torch.float64, generator=generator, requires_grad=True)
@@ -187,7 +188,8 @@ def test_bf16_base_keeps_fp32_adapters_and_its_own_output_dtype():
     assert y.dtype == torch.bfloat16
     A, B = _factors(layer)
     W, b = _np(layer.base_layer.weight.double()), _np(layer.base_layer.bias.double())
-    expected = reference.lora_linear_forward(_np(x.double()), W, b, A.astype(np.float64), B.astype(np.float64), 2.0)
+    expected = reference.lora_linear_forward(_np(x.double()), W, b, A.astype(np.float64),
+                                             B.astype(np.float64), 2.0)
     np.testing.assert_allclose(_np(y.double()), expected, rtol=2e-2, atol=2e-2)
 
 
@@ -195,6 +197,8 @@ def test_in_place_update_does_not_leak_into_base_output_seen_by_dora():
     """Order of DoRA/LoRA adapters must not matter also under autograd (in-place add on the base output)."""
     layer = _linear_layer(8, 6, 2, False, seed=6)
     layer.add_adapter("dora", r=2, lora_alpha=4.0, init_lora_weights=False, use_dora=True)
+    with torch.no_grad():  # m ≠ ||W + sBA||, or DoRA would not read the base output at all
+        layer.lora_magnitude_vector["dora"].weight.mul_(0.8)
     layer.set_active(["default", "dora"])
     x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
     y = layer(x)

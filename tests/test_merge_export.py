@@ -14,7 +14,6 @@ from transformers import AutoModelForCausalLM
 
 import lorakit
 from lorakit.cli.main import main
-from lorakit.io import save_adapter
 from lorakit.models import load_causal_lm, tiny_llama, tiny_tokenizer
 from lorakit.models.merged import export_merged
 
@@ -28,8 +27,9 @@ def base_folder(tmp_path: Path, **overrides) -> Path:
 
 def trained_adapter(base: Path, tmp_path: Path, targets: list[str], quantize: str | None = None):
     model, _ = load_causal_lm(base, quantize=quantize)
-    lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
-    save_adapter(model, tmp_path / "adapter")
+    config = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    lorakit.inject(model, config)
+    lorakit.save_adapter(model, tmp_path / "adapter")
     return model, tmp_path / "adapter"
 
 
@@ -47,7 +47,8 @@ def reload_without_lorakit(folder: Path) -> torch.Tensor:
         with torch.no_grad():
             torch.save(model(torch.tensor({IDS.tolist()})).logits, {str(folder / "logits.pt")!r})
     """)
-    subprocess.run([sys.executable, "-c", script], check=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin"})
+    environment = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin"}
+    subprocess.run([sys.executable, "-c", script], check=True, env=environment)
     return torch.load(folder / "logits.pt")
 
 

@@ -27,7 +27,8 @@ def _llama_with_five_adapters() -> nn.Module:
     model = lorakit.inject(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                     init_lora_weights=False), "a")
     extra = {
-        "b": LoraConfig(r=8, lora_alpha=4, target_modules="all-linear", use_rslora=True, init_lora_weights=False),
+        "b": LoraConfig(r=8, lora_alpha=4, target_modules="all-linear", use_rslora=True,
+                        init_lora_weights=False),
         "c": LoraConfig(r=2, target_modules=["down_proj"], layers_to_transform=[1], init_lora_weights=False),
         "d": LoraConfig(r=4, target_modules=["q_proj", "o_proj"], use_dora=True, init_lora_weights=False),
         "e": LoraConfig(r=3, target_modules=["embed_tokens", "k_proj"], init_lora_weights=False),
@@ -124,8 +125,9 @@ def test_generate_each_row_as_if_alone():
 
 def test_wrong_batch_size_raises():
     model = _llama_with_five_adapters()
-    with lorakit.adapter_per_row(model, ["a", "b"]), pytest.raises(ValueError, match="2 adapter names.*3 rows"):
-        model(token_ids(batch=3))
+    three_rows = token_ids(batch=3)
+    with lorakit.adapter_per_row(model, ["a", "b"]), pytest.raises(ValueError, match=r"2 names.*3 rows"):
+        model(three_rows)
 
 
 def test_unknown_adapter_raises():
@@ -146,27 +148,24 @@ def test_no_python_loop_over_rows_or_adapters_in_the_layer_hot_path(monkeypatch)
     """Per layer, a mixed forward runs a fixed number of batched products and looks up no adapter by name,
     whatever the number of rows and adapters."""
     model = _llama_with_five_adapters()
-    counts = {"bmm": 0, "lookups": 0}
-    bmm = torch.bmm
+    counts = {"batched products": 0, "lookups": 0}
 
-    def counting_bmm(*args: object, **kwargs: object) -> torch.Tensor:
-        counts["bmm"] += 1
-        return bmm(*args, **kwargs)
-
-    def count_lookup(original):
-        def lookup(self, key):
-            counts["lookups"] += 1
-            return original(self, key)
-        return lookup
+    def counting(original, what):
+        def run(*args, **kwargs):
+            counts[what] += 1
+            return original(*args, **kwargs)
+        return run
 
     def run(names: list[str | None]) -> dict[str, int]:
         ids = token_ids(batch=len(names), length=4)
         with torch.no_grad(), lorakit.adapter_per_row(model, names):
-            counts.update(bmm=0, lookups=0)
+            counts.update({"batched products": 0, "lookups": 0})
             with monkeypatch.context() as patch:
-                patch.setattr(torch, "bmm", counting_bmm)
-                patch.setattr(nn.ModuleDict, "__getitem__", count_lookup(nn.ModuleDict.__getitem__))
-                patch.setattr(nn.ParameterDict, "__getitem__", count_lookup(nn.ParameterDict.__getitem__))
+                patch.setattr(torch, "bmm", counting(torch.bmm, "batched products"))
+                patch.setattr(torch.Tensor, "baddbmm_", counting(torch.Tensor.baddbmm_, "batched products"))
+                patch.setattr(nn.ModuleDict, "__getitem__", counting(nn.ModuleDict.__getitem__, "lookups"))
+                lookup = counting(nn.ParameterDict.__getitem__, "lookups")
+                patch.setattr(nn.ParameterDict, "__getitem__", lookup)
                 model(ids)
         return dict(counts)
 
@@ -174,4 +173,36 @@ def test_no_python_loop_over_rows_or_adapters_in_the_layer_hot_path(monkeypatch)
     large = run(["a", "b", "c", "d", "e", None, "b", "e", "a", "c"])
     linear = sum(isinstance(m, LoraLinear) for m in model.modules())
     embedding = sum(isinstance(m, LoraEmbedding) for m in model.modules())
-    assert small == large == {"bmm": 2 * linear + embedding, "lookups": 0}
+    assert small == large == {"batched products": 2 * linear + embedding, "lookups": 0}
+
+
+def test_stacks_are_reused_until_a_weight_changes():
+    model = _llama_with_five_adapters()
+    names = ["a", "b", None]
+    ids = token_ids(batch=3)
+    layer = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        with lorakit.adapter_per_row(model, names):
+            first_stack = layer.row_plan.lora_B
+        with lorakit.adapter_per_row(model, names):
+            assert layer.row_plan.lora_B is first_stack  # nothing changed: the stacks are reused
+        # an in-place update, as an optimizer step makes it
+        layer.lora_B["b"].weight.mul_(3.0)
+        with lorakit.adapter_per_row(model, names):
+            assert layer.row_plan.lora_B is not first_stack
+            mixed = model(ids).logits
+    torch.testing.assert_close(mixed[1:2], _alone(model, "b", ids[1:2]), rtol=0, atol=1e-5)
+    # a new tensor in place of the old one
+    layer.lora_A["a"].weight = nn.Parameter(layer.lora_A["a"].weight.detach() * 2.0)
+    with torch.no_grad(), lorakit.adapter_per_row(model, names):
+        mixed = model(ids).logits
+    torch.testing.assert_close(mixed[:1], _alone(model, "a", ids[:1]), rtol=0, atol=1e-5)
+
+
+def test_blocks_do_not_nest_and_state_is_cleared_on_exit():
+    model = _llama_with_five_adapters()
+    with lorakit.adapter_per_row(model, ["a"]):
+        with pytest.raises(RuntimeError, match="nest"), lorakit.adapter_per_row(model, ["b"]):
+            pass
+        assert all(layer.row_plan is not None for layer in model.modules() if isinstance(layer, LoraLinear))
+    assert all(layer.row_plan is None for layer in model.modules() if isinstance(layer, LoraLinear))

@@ -92,7 +92,6 @@ def test_merge_equals_unmerged_and_unmerge_restores_the_base(case):
 
 
 def test_safe_merge_refuses_non_finite_weights_and_changes_nothing():
-    ids = token_ids()
     model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=4, target_modules=QV, init_lora_weights=False))
     with torch.no_grad():  # only the second layer's v_proj goes bad: the first layers must not be merged
         model.model.layers[1].self_attn.v_proj.lora_B["default"].weight[0, 0] = float("inf")
@@ -162,7 +161,8 @@ def _trainable(model: nn.Module) -> set[str]:
 
 
 def _two_adapters() -> nn.Module:
-    model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=4, target_modules=QV, init_lora_weights=False), "a")
+    model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=4, target_modules=QV, init_lora_weights=False),
+                           "a")
     lorakit.add_adapter(model, lorakit.LoraConfig(r=2, target_modules=["q_proj", "down_proj"],
                                                   init_lora_weights=False), "b")
     return model
@@ -177,7 +177,8 @@ def test_inject_freezes_everything_but_the_adapter():
 
 def test_add_adapter_leaves_the_new_one_inactive_and_frozen():
     ids = token_ids()
-    model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=4, target_modules=QV, init_lora_weights=False), "a")
+    model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=4, target_modules=QV, init_lora_weights=False),
+                           "a")
     only_a = _logits(model, ids)
     trainable = _trainable(model)
     lorakit.add_adapter(model, lorakit.LoraConfig(r=2, target_modules=["q_proj", "down_proj"],

@@ -31,7 +31,7 @@ def _perturb(model: nn.Module) -> None:
 
 
 def _pair(build, copy: bool = True, **config: object) -> tuple[nn.Module, nn.Module]:
-    """(lorakit model, peft model) from two identical base models; lorakit's adapter tensors copied to peft."""
+    """(lorakit model, peft model) built from identical base models, lorakit's adapter tensors copied over."""
     ours = lorakit.inject(build(), lorakit.LoraConfig(**config))
     theirs = peft.get_peft_model(build(), peft.LoraConfig(**config))
     theirs.eval()
@@ -60,8 +60,10 @@ def _assert_parity(ours: nn.Module, theirs: nn.Module, ids: torch.Tensor, atol: 
 
 PARITY_CASES = {
     "lora": (tiny_llama, {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}),
-    "rslora": (tiny_llama, {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "down_proj"], "use_rslora": True}),
-    "dora": (tiny_llama, {"r": 4, "lora_alpha": 8, "target_modules": ["k_proj", "up_proj"], "use_dora": True}),
+    "rslora": (tiny_llama, {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "down_proj"],
+                            "use_rslora": True}),
+    "dora": (tiny_llama, {"r": 4, "lora_alpha": 8, "target_modules": ["k_proj", "up_proj"],
+                          "use_dora": True}),
     "dora rslora": (tiny_llama, {"r": 2, "target_modules": ["o_proj"], "use_dora": True, "use_rslora": True}),
     "embedding": (tiny_llama, {"r": 4, "lora_alpha": 2, "target_modules": ["embed_tokens", "q_proj"]}),
     "rank and alpha pattern": (tiny_llama, {
@@ -76,10 +78,14 @@ PARITY_CASES = {
     "all-linear": (tiny_llama, {"r": 4, "lora_alpha": 16, "target_modules": "all-linear"}),
     "all-linear dora": (tiny_llama, {"r": 2, "target_modules": "all-linear", "use_dora": True}),
     "conv1d": (tiny_gpt2, {"r": 4, "target_modules": ["c_attn", "c_proj"], "fan_in_fan_out": True}),
-    "conv1d dora": (tiny_gpt2, {"r": 4, "target_modules": ["c_fc"], "fan_in_fan_out": True, "use_dora": True}),
-    "modules_to_save seq_cls": (tiny_bert, {"r": 4, "target_modules": ["query", "value"], "task_type": "SEQ_CLS"}),
-    "modules_to_save explicit": (tiny_bert, {"r": 4, "target_modules": ["key"], "modules_to_save": ["pooler"]}),
-    "bias all": (tiny_bert, {"r": 4, "target_modules": ["query", "dense"], "bias": "all", "task_type": "SEQ_CLS"}),
+    "conv1d dora": (tiny_gpt2, {"r": 4, "target_modules": ["c_fc"], "fan_in_fan_out": True,
+                                "use_dora": True}),
+    "modules_to_save seq_cls": (tiny_bert, {"r": 4, "target_modules": ["query", "value"],
+                                            "task_type": "SEQ_CLS"}),
+    "modules_to_save explicit": (tiny_bert, {"r": 4, "target_modules": ["key"],
+                                             "modules_to_save": ["pooler"]}),
+    "bias all": (tiny_bert, {"r": 4, "target_modules": ["query", "dense"], "bias": "all",
+                             "task_type": "SEQ_CLS"}),
     "bias lora_only": (tiny_bert, {"r": 4, "target_modules": ["query", "dense"], "bias": "lora_only"}),
     "bias all llama": (tiny_llama, {"r": 4, "target_modules": ["q_proj"], "bias": "all"}),
 }
@@ -99,8 +105,8 @@ def test_bias_options_change_what_trains():
         model = lorakit.inject(tiny_bert(), lorakit.LoraConfig(r=4, target_modules=["query"], bias=bias))
         counts[bias] = {n for n, p in model.named_parameters() if p.requires_grad}
     assert counts["none"] < counts["lora_only"] < counts["all"]
-    assert counts["lora_only"] - counts["none"] == {f"bert.encoder.layer.{i}.attention.self.query.base_layer.bias"
-                                                     for i in range(2)}
+    query_biases = {f"bert.encoder.layer.{i}.attention.self.query.base_layer.bias" for i in range(2)}
+    assert counts["lora_only"] - counts["none"] == query_biases
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
@@ -122,7 +128,10 @@ def test_pissa_and_olora_match_peft_after_init(init, build):
     _assert_parity(ours, theirs, ids)
 
 
-@pytest.mark.parametrize("case", ["lora", "dora", "embedding", "conv1d", "conv1d dora", "modules_to_save seq_cls"])
+MERGE_CASES = ["lora", "dora", "embedding", "conv1d", "conv1d dora", "modules_to_save seq_cls"]
+
+
+@pytest.mark.parametrize("case", MERGE_CASES)
 def test_merge_and_unload_gives_peft_s_merged_weights(case):
     build, config = PARITY_CASES[case]
     ours, theirs = _pair(build, init_lora_weights=False, **config)
@@ -149,3 +158,14 @@ def test_multiple_active_lora_adapters_match_peft():
     ids = token_ids()
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, theirs(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("init", [True, "gaussian"])
+def test_initial_factors_follow_peft_s_choice(init):
+    """Which factor starts at zero, per layer type (the values themselves are random)."""
+    ours, theirs = _pair(tiny_llama, copy=False, r=4, target_modules=["embed_tokens", "q_proj"],
+                         init_lora_weights=init)
+    theirs_state = theirs.state_dict()
+    for key, value in ours.state_dict().items():
+        if ".lora_" in key:
+            assert bool((value == 0).all()) == bool((theirs_state[PREFIX + key] == 0).all()), key

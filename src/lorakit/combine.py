@@ -102,6 +102,9 @@ def _check_request(
                              "merge it or combine plain LoRA adapters")
     if not adapter_name or "." in adapter_name:
         raise ValueError(f"adapter name must be non-empty and contain no '.', got {adapter_name!r}")
+    if hasattr(nn.ModuleDict(), adapter_name):
+        # The layers keep adapters in nn.ModuleDicts, which cannot hold a key such as "half" or "to".
+        raise ValueError(f"adapter name {adapter_name!r} is an attribute of torch modules; pick another")
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} already exists; pick a new name or delete_adapter() it")
     if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):

@@ -87,6 +87,9 @@ class LoraConfig:
             raise ValueError("LoraConfig.layers_pattern is only meaningful with layers_to_transform")
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("LoraConfig.target_modules is an empty list: name at least one module")
+        # adapter_config.json files written by older PEFT versions may hold null here.
+        self.rank_pattern = dict(self.rank_pattern or {})
+        self.alpha_pattern = dict(self.alpha_pattern or {})
         for key, rank in self.rank_pattern.items():
             if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
                 raise ValueError(f"LoraConfig.rank_pattern[{key!r}] must be an integer >= 1, got {rank!r}")

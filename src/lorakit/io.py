@@ -488,6 +488,9 @@ def _loadable_init(init: Any, source: str) -> bool | str:
 def _check_new_name(model: nn.Module, adapter_name: str) -> None:
     if not adapter_name or "." in adapter_name:
         raise ValueError(f"adapter name must be non-empty and contain no '.', got {adapter_name!r}")
+    if hasattr(nn.ModuleDict(), adapter_name):
+        # The layers keep adapters in nn.ModuleDicts, which cannot hold a key such as "half" or "to".
+        raise ValueError(f"adapter name {adapter_name!r} is an attribute of torch modules; pick another")
     if adapter_name in adapter_configs(model):
         raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick a "
                          "new name")

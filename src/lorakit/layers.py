@@ -21,7 +21,9 @@ from torch import nn
 
 from lorakit.dora import DoraMagnitude, dora_delta, row_norm
 
-ADAPTER_PARAMETER_PREFIXES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+ADAPTER_PARAMETER_PREFIXES = (
+    "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+)
 
 
 def is_4bit(module: nn.Module) -> bool:
@@ -39,8 +41,8 @@ def check_supported(name: str, module: nn.Module, use_dora: bool, init: bool | s
             raise ValueError(f"module {name!r} is an nn.Embedding: DoRA is supported on linear layers only; "
                              "exclude it or set use_dora=False")
         if init in ("pissa", "olora"):
-            raise ValueError(f"module {name!r} is an nn.Embedding: init_lora_weights={init!r} is supported on "
-                             "linear layers only")
+            raise ValueError(f"module {name!r} is an nn.Embedding: init_lora_weights={init!r} is supported "
+                             "on linear layers only")
     elif is_4bit(base) and init in ("pissa", "olora"):
         raise ValueError(f"module {name!r} is 4-bit: init_lora_weights={init!r} rewrites the base weight and "
                          "needs a full-precision base")
@@ -95,7 +97,7 @@ class AdapterLayer(nn.Module):
         use_rslora: bool = False,
         use_dora: bool = False,
     ) -> None:
-        """Create adapter ``adapter_name`` (inactive); its weights are initialised per ``init_lora_weights``."""
+        """Create adapter ``adapter_name`` (inactive), its weights initialised per ``init_lora_weights``."""
         if adapter_name in self.r:
             raise ValueError(f"adapter {adapter_name!r} already exists in this layer")
         check_supported(type(self.base_layer).__name__, self, use_dora, init_lora_weights)
@@ -133,8 +135,8 @@ class AdapterLayer(nn.Module):
         """Add the adapters' updates into the base weight (default: the active adapters), all or nothing.
 
         Raises:
-            RuntimeError: an adapter is already merged, the base is 4-bit, or ``safe_merge`` found a non-finite
-                merged weight. The layer is then unchanged.
+            RuntimeError: an adapter is already merged, the base is 4-bit, or ``safe_merge`` found a
+                non-finite merged weight. The layer is then unchanged.
         """
         names = self._names_to_merge(adapter_names)
         weight, memos = self._merge_result(names)
@@ -146,7 +148,9 @@ class AdapterLayer(nn.Module):
 
     def _names_to_merge(self, adapter_names: list[str] | None) -> list[str]:
         """The adapters `merge` would fold in, checked; raises before anything is written."""
-        names = adapter_names if adapter_names is not None else [n for n in self.active_adapters if n in self.r]
+        if adapter_names is None:
+            adapter_names = [n for n in self.active_adapters if n in self.r]
+        names = list(adapter_names)
         for name in names:
             if name not in self.r:
                 raise ValueError(f"no adapter named {name!r} in this layer; it has {self.adapter_names}")
@@ -171,7 +175,8 @@ class AdapterLayer(nn.Module):
         """Subtract every merged adapter again, last merged first."""
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            self._write_weight(self._unmerged_weight(name, self._dense_weight(), self.merge_memos.pop(name, None)))
+            memo = self.merge_memos.pop(name, None)
+            self._write_weight(self._unmerged_weight(name, self._dense_weight(), memo))
 
     def _merged_weight(self, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight + ΔW, None); DoRA overrides it and returns the norm its unmerge needs instead of None."""
@@ -258,7 +263,7 @@ class LoraLinear(AdapterLayer):
             raise ValueError(f"unknown init_lora_weights {init!r}")
 
     def _init_from_base(self, name: str, init: str) -> None:
-        """PiSSA (top singular triplets) or OLoRA (QR): the base keeps the residual, the output is unchanged."""
+        """PiSSA (top singular triplets) or OLoRA (QR): the base keeps the residual; same output."""
         weight = self._dense_weight().to(_adapter_dtype(self.base_layer.weight))
         r, s = self.r[name], self.scaling[name]
         if init == "pissa":
@@ -311,7 +316,8 @@ class LoraLinear(AdapterLayer):
         # recomputed from W'), so W = W'·(n / m) − sBA.
         assert memo is not None, "a merged DoRA adapter always leaves its norm"
         magnitude = self.lora_magnitude_vector[name].weight.detach().to(weight.dtype)
-        return weight * (memo.to(weight.dtype) / magnitude)[:, None] - self.delta_weight(name).to(weight.dtype)
+        delta = self.delta_weight(name).to(weight.dtype)
+        return weight * (memo.to(weight.dtype) / magnitude)[:, None] - delta
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.row_plan is not None:
@@ -342,8 +348,9 @@ class LoraLinear(AdapterLayer):
         if not isinstance(dropout, nn.Identity):  # skipping the no-op module call saves ~3 µs per layer
             x = dropout(x)
         hidden = F.linear(x, lora_A)  # (..., r)
-        if result.dtype != lora_A.dtype:
-            # A bf16/fp16/4-bit base next to fp32 adapters: add in fp32, then round once (as PEFT).
+        if result.dtype != lora_A.dtype or hidden.dtype != result.dtype:
+            # A bf16/fp16/4-bit base next to fp32 adapters, or autocast having lowered `hidden` while the
+            # base computed in fp32: add in the wider dtype, then round once (as PEFT).
             return torch.add(result, F.linear(hidden, lora_B), alpha=scaling).to(result.dtype)
         # One GEMM accumulates s·(h·Bᵀ) into the base output in place: no scale, add or copy pass over the
         # (tokens, out) output. That is safe because `result` is a fresh tensor that autograd did not save
@@ -373,8 +380,8 @@ class LoraLinear(AdapterLayer):
             x = dropout(x)
             base_no_bias = F.linear(x, weight)
         lora_out = F.linear(F.linear(x, lora_A), lora_B)
-        delta = dora_delta(base_no_bias, lora_out, self.lora_magnitude_vector[name].weight, norm, self.scaling[name])
-        return delta.to(base_result.dtype)
+        magnitude = self.lora_magnitude_vector[name].weight
+        return dora_delta(base_no_bias, lora_out, magnitude, norm, self.scaling[name]).to(base_result.dtype)
 
 
 class LoraEmbedding(AdapterLayer):
@@ -420,8 +427,8 @@ class LoraEmbedding(AdapterLayer):
     def embed(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """Look ids up in ``table`` (num_embeddings, d) with the base embedding's options."""
         base = self.base_layer
-        return F.embedding(ids, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
-                           base.sparse)
+        return F.embedding(ids, table, base.padding_idx, base.max_norm, base.norm_type,
+                           base.scale_grad_by_freq, base.sparse)
 
     def forward(self, ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.row_plan is not None:

@@ -3,9 +3,9 @@
 One rule for every list of names (``target_modules``, ``exclude_modules``, ``modules_to_save``): an entry
 matches a module whose qualified name equals the entry or ends with ``"." + entry``. ``target_modules`` and
 ``exclude_modules`` may instead be a single string, a regular expression that must fullmatch the qualified
-name; ``"all-linear"`` (any case) selects every linear layer except the output head (`output_head_names`). Keys of
-``rank_pattern`` / ``alpha_pattern`` may be regexes and match the same way as list entries (PEFT's rule:
-``re.match(rf"(.*\\.)?({key})$", name)``).
+name; ``"all-linear"`` (any case) selects every linear layer except the output head
+(`output_head_names`). Keys of ``rank_pattern`` / ``alpha_pattern`` may be regexes and match the same way
+as list entries (PEFT's rule: ``re.match(rf"(.*\\.)?({key})$", name)``).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def output_head_names(model: nn.Module, task_type: str | None = None) -> set[str
 
 
 def _lorakit_internal_names(model: nn.Module) -> set[str]:
-    """Names of submodules inside lorakit wrappers (their lora_A, base_layer, ...), never targets themselves."""
+    """Names of submodules inside lorakit wrappers (lora_A, base_layer, ...): never targets themselves."""
     from lorakit.layers import AdapterLayer, ModulesToSave
 
     inside: set[str] = set()
@@ -112,15 +112,14 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     modules = dict(model.named_modules())
     targets = config.target_modules
     if targets is None:
-        raise ValueError("LoraConfig.target_modules is None: name the modules to adapt, e.g. ['q_proj', 'v_proj']")
+        raise ValueError("LoraConfig.target_modules is None: name the modules to adapt, "
+                         "e.g. ['q_proj', 'v_proj'], or 'all-linear'")
 
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         heads = output_head_names(model, config.task_type)
-        selected = [
-            n for n in names
-            if (is_linear(modules[n]) or isinstance(modules[n], AdapterLayer) and is_linear(modules[n].base_layer))
-            and n not in heads
-        ]
+        # Wrapped layers count as what they wrap, so a second adapter finds the same layers.
+        bases = {n: m.base_layer if isinstance(m := modules[n], AdapterLayer) else m for n in names}
+        selected = [n for n in names if is_linear(bases[n]) and n not in heads]
     elif isinstance(targets, str):
         selected = [n for n in names if re.fullmatch(targets, n)]
         if not selected:

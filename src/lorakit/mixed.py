@@ -7,13 +7,21 @@ the largest rank, with the scaling folded into B, plus one all-zero slot for row
 
 A forward pass gathers the stack at each row's slot and runs two batched products, so rows of different
 adapters (and ranks) share one pass with no Python loop over rows or adapters (the S-LoRA / Punica idea).
-Zero padding is exact: the padded rank directions contribute 0. The stacks are built once per ``with``
-block and dropped on exit; they are snapshots, for inference.
+Zero padding is exact: the padded rank directions contribute 0.
+
+The stacks are snapshots for inference (no dropout, no gradients). Each layer keeps its last stacks after
+the block and reuses them in the next block over the same adapters, as long as none of the layer's
+tensors changed: a serving loop pays for the stacking once. Any in-place update (an optimizer step,
+``load_state_dict``, ``copy_``) bumps a tensor's version counter and a moved or reassigned tensor has a
+new address, so the fingerprint (address, version) of every parameter of the layer catches all of them.
+The cost is one extra copy of the A and B of the adapters in use (and a reference to the tensors they
+came from), kept until the layer's next mixed batch stacks something else or the layer is freed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -59,7 +67,9 @@ def adapter_per_row(model: nn.Module, adapter_names: Sequence[str | None]) -> It
     ``len(adapter_names)``). Row i's output equals running row i alone with its adapter active.
 
     Raises:
-        ValueError: an unknown adapter name, or an adapter is merged into the base (unmerge first).
+        ValueError: an unknown adapter name, or an adapter is merged into the base (unmerge first); at
+            forward time, a batch whose size is not ``len(adapter_names)``.
+        RuntimeError: the block is nested inside another ``adapter_per_row`` block.
     """
     slots = list(dict.fromkeys(name for name in adapter_names if name is not None))
     known = adapter_configs(model)
@@ -67,6 +77,8 @@ def adapter_per_row(model: nn.Module, adapter_names: Sequence[str | None]) -> It
         if name not in known:
             raise ValueError(f"no adapter named {name!r}; the model has {sorted(known)}")
     layers = [layer for _, layer in adapter_layers(model)]
+    if any(layer.row_plan is not None for layer in layers):
+        raise RuntimeError("adapter_per_row blocks do not nest: leave the outer block first")
     for layer in layers:
         if isinstance(layer, AdapterLayer) and layer.merged_adapters:
             raise ValueError(f"adapters {layer.merged_adapters} are merged into the base weights; unmerge() "
@@ -85,11 +97,39 @@ def adapter_per_row(model: nn.Module, adapter_names: Sequence[str | None]) -> It
 def _plan(layer: AdapterLayer | ModulesToSave, slots: list[str], rows: torch.Tensor) -> RowPlan | CopyRowPlan:
     if isinstance(layer, ModulesToSave):
         return CopyRowPlan(rows, slots)
-    names = [name if name in layer.adapter_names else None for name in slots] + [None]
+    names = [name if name in layer.r else None for name in slots] + [None]
+    key = _fingerprint(layer, names)
+    cached = _STACKS.get(layer)
+    if key is not None and cached is not None and cached[0] == key:
+        stacks = cached[1]
+    else:
+        build = _embedding_stacks if isinstance(layer, LoraEmbedding) else _linear_stacks
+        stacks = build(layer, names)
+        if key is not None:
+            # The detached views pin the storages the key points at, so no later tensor can reuse one of
+            # those addresses and pass for the old one.
+            _STACKS[layer] = (key, stacks, [p.detach() for p in layer.parameters()])
+    return RowPlan(rows.to(stacks[0].device), *stacks)
+
+
+# layer -> (fingerprint, stacks, pinned tensors) of its last mixed batch; entries go with their layer.
+_STACKS: weakref.WeakKeyDictionary[AdapterLayer, tuple[tuple, tuple, list]] = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(layer: AdapterLayer, names: list[str | None]) -> tuple | None:
+    """What the stacks of ``layer`` depend on; None when it cannot be known (then nothing is cached)."""
+    try:
+        tensors = tuple((p.data_ptr(), p._version) for p in layer.parameters())
+    except RuntimeError:  # tensors created under torch.inference_mode() have no version counter
+        return None
+    scalings = tuple(layer.scaling[n] for n in names if n is not None)
+    # Stacks built under inference_mode are inference tensors, unusable where autograd records.
+    return tuple(names), scalings, tensors, torch.is_inference_mode_enabled()
+
+
+def _linear_stacks(layer: LoraLinear, names: list[str | None]) -> tuple[torch.Tensor, ...]:
+    """A (n+1, r_max, in), s·B (n+1, out, r_max) and the DoRA factor (n+1, out) or None."""
     r_max = max([layer.r[n] for n in names if n is not None], default=1)
-    if isinstance(layer, LoraEmbedding):
-        return _embedding_plan(layer, names, rows, r_max)
-    assert isinstance(layer, LoraLinear)
     reference = layer.lora_A[layer.adapter_names[0]].weight
     lora_A = reference.new_zeros(len(names), r_max, layer.in_features)
     lora_B = reference.new_zeros(len(names), layer.out_features, r_max)
@@ -106,10 +146,12 @@ def _plan(layer: AdapterLayer | ModulesToSave, slots: list[str], rows: torch.Ten
         if name in layer.lora_magnitude_vector:
             norm = row_norm(weight, layer.delta_weight(name))
             dora_factor[slot] = layer.lora_magnitude_vector[name].weight / norm
-    return RowPlan(rows.to(reference.device), lora_A, lora_B, dora_factor)
+    return lora_A, lora_B, dora_factor
 
 
-def _embedding_plan(layer: LoraEmbedding, names: list[str | None], rows: torch.Tensor, r_max: int) -> RowPlan:
+def _embedding_stacks(layer: LoraEmbedding, names: list[str | None]) -> tuple[torch.Tensor, ...]:
+    """Aᵀ (n+1, num_embeddings, r_max) and s·B (n+1, dim, r_max)."""
+    r_max = max([layer.r[n] for n in names if n is not None], default=1)
     reference = layer.lora_embedding_A[layer.adapter_names[0]]
     base = layer.base_layer
     lora_A = reference.new_zeros(len(names), base.num_embeddings, r_max)
@@ -120,14 +162,14 @@ def _embedding_plan(layer: LoraEmbedding, names: list[str | None], rows: torch.T
         r = layer.r[name]
         lora_A[slot, :, :r] = layer.lora_embedding_A[name].T
         lora_B[slot, :, :r] = layer.scaling[name] * layer.lora_embedding_B[name]
-    return RowPlan(rows.to(reference.device), lora_A, lora_B)
+    return lora_A, lora_B, None
 
 
 def _check_batch(plan: RowPlan | CopyRowPlan, batch: int) -> torch.Tensor:
     rows = plan.rows
     if batch != rows.numel():
-        raise ValueError(f"adapter_per_row was given {rows.numel()} adapter names but the batch has {batch} rows "
-                         "(beam search and num_return_sequences > 1 change the batch size)")
+        raise ValueError(f"adapter_per_row was given {rows.numel()} names (one per row) but the batch has "
+                         f"{batch} rows (beam search and num_return_sequences > 1 change the batch size)")
     return rows
 
 
@@ -140,7 +182,12 @@ def mixed_linear_forward(layer: LoraLinear, x: torch.Tensor, *args: Any, **kwarg
         return result
     tokens = x.reshape(x.shape[0], -1, x.shape[-1]).to(plan.lora_A.dtype)       # (b, t, in)
     hidden = torch.bmm(tokens, plan.lora_A[rows].transpose(1, 2))                  # (b, t, r_max)
-    delta = torch.bmm(hidden, plan.lora_B[rows].transpose(1, 2))                   # (b, t, out)
+    lora_B = plan.lora_B[rows].transpose(1, 2)                                     # (b, r_max, out)
+    if plan.dora_factor is None and result.dtype == hidden.dtype and result.is_contiguous():
+        # Accumulate into the fresh base output in place, as LoraLinear.forward does (see there).
+        result.view(hidden.shape[0], hidden.shape[1], -1).baddbmm_(hidden, lora_B)
+        return result
+    delta = torch.bmm(hidden, lora_B)                                              # (b, t, out)
     if plan.dora_factor is not None:
         factor = plan.dora_factor[rows][:, None, :]                                 # (b, 1, out)
         bias = layer.base_layer.bias
@@ -151,7 +198,9 @@ def mixed_linear_forward(layer: LoraLinear, x: torch.Tensor, *args: Any, **kwarg
     return result + delta.view(result.shape).to(result.dtype)
 
 
-def mixed_embedding_forward(layer: LoraEmbedding, ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+def mixed_embedding_forward(
+    layer: LoraEmbedding, ids: torch.Tensor, *args: Any, **kwargs: Any
+) -> torch.Tensor:
     """ids (batch, ...) -> (batch, ..., dim), row b adapted by its slot's A and B."""
     plan: RowPlan = layer.row_plan
     result = layer.base_layer(ids, *args, **kwargs)
@@ -173,8 +222,9 @@ def mixed_modules_to_save_forward(wrapper: ModulesToSave, *args: Any, **kwargs: 
     plan: CopyRowPlan = wrapper.row_plan
     if wrapper.disabled:
         return wrapper.original_module(*args, **kwargs)
-    modules = [wrapper.modules_to_save[n] if n in wrapper.modules_to_save else wrapper.original_module
-               for n in plan.slots] + [wrapper.original_module]
+    copies = dict(wrapper.modules_to_save.items())
+    modules = [copies.get(n, wrapper.original_module) for n in plan.slots]
+    modules.append(wrapper.original_module)  # the slot of rows without an adapter
     outputs = torch.stack([module(*args, **kwargs) for module in modules])            # (k, b, ...)
     rows = _check_batch(plan, outputs.shape[1]).to(outputs.device)
     return outputs[rows, torch.arange(outputs.shape[1], device=outputs.device)]

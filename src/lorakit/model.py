@@ -90,7 +90,8 @@ def _add(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
     if not adapter_name or "." in adapter_name:
         raise ValueError(f"adapter name must be non-empty and contain no '.', got {adapter_name!r}")
     if adapter_name in adapter_configs(model):
-        raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick a new name")
+        raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick "
+                         "another name")
     targets = find_targets(model, config)
     saved = find_modules_to_save(model, config)
     modules = dict(model.named_modules())
@@ -167,7 +168,8 @@ def _set_trainable(model: nn.Module, trainable: str | None) -> None:
     for name, parameter in model.named_parameters():
         # Biases as PEFT picks them: by parameter name. A ModulesToSave's original is never used while the
         # adapter is active, so its bias stays frozen; the trained copy's bias trains with the copy.
-        if name.rsplit(".", 1)[-1] != "bias" or _is_adapter_parameter(name) or ".original_module." in f".{name}":
+        is_bias = name.rsplit(".", 1)[-1] == "bias"
+        if not is_bias or _is_adapter_parameter(name) or ".original_module." in f".{name}":
             continue
         parameter.requires_grad_(bias == "all" or (bias == "lora_only" and name in adapted_biases))
 
@@ -180,7 +182,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     _check_names(model, [adapter_name])
     for name, layer in adapter_layers(model):
         if isinstance(layer, AdapterLayer) and adapter_name in layer.merged_adapters:
-            raise RuntimeError(f"adapter {adapter_name!r} is merged into {name!r}; unmerge() before deleting it")
+            raise RuntimeError(f"adapter {adapter_name!r} is merged into {name!r}; unmerge() before "
+                               "deleting it")
     was_active = adapter_name in active_adapters(model)
     for name, layer in list(adapter_layers(model)):
         layer.delete_adapter(adapter_name)

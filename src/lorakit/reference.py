@@ -75,7 +75,9 @@ def lora_linear_backward(
     )
 
 
-def dora_weight(W: np.ndarray, A: np.ndarray, B: np.ndarray, magnitude: np.ndarray, scaling: float) -> np.ndarray:
+def dora_weight(
+    W: np.ndarray, A: np.ndarray, B: np.ndarray, magnitude: np.ndarray, scaling: float
+) -> np.ndarray:
     """DoRA's effective weight W' = m ⊙ (W + s·B·A) / ||W + s·B·A||, the norm taken per output row.
 
     Args:

@@ -48,10 +48,10 @@ def load_config(source: str | Path):  # -> transformers.PretrainedConfig
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no model config at {source} (expected a config.json file or a folder with one)")
+        raise FileNotFoundError(f"no model config at {source} (expected a config.json or a folder with one)")
     values = json.loads(path.read_text())
     if "model_type" not in values:
-        raise ValueError(f"{path}: no 'model_type' field, so transformers cannot tell which model it describes")
+        raise ValueError(f"{path}: no 'model_type' field, so transformers cannot tell which model it is")
     model_type = values.pop("model_type")
     return AutoConfig.for_model(model_type, **values)
 

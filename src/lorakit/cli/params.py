@@ -19,9 +19,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                    description=__doc__)
     parser.add_argument("config", help="a config.json file or a model folder holding one")
     parser.add_argument("--r", type=int, default=8)
-    parser.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: r; no effect on counts)")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="lora_alpha (default: r; no effect on counts)")
     parser.add_argument("--targets", default=None,
-                        help="comma-separated module names, or all-linear (default: PEFT's default for the model)")
+                        help="comma-separated module names, or all-linear (default: PEFT's default)")
     parser.add_argument("--dora", action="store_true")
     parser.add_argument("--modules-to-save", default=None, help="comma-separated module names")
     parser.set_defaults(func=run)
@@ -46,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     print("\n| module | count | adapter parameters |\n| --- | --- | --- |")
     for leaf, count in report.per_module_type.items():
         print(f"| {leaf} | {count.modules} | {count.parameters:,} |")
-    sizes = ", ".join(f"{dtype} {size / 2**20:,.2f} MiB" for dtype, size in report.adapter_tensor_bytes.items())
+    sizes = ", ".join(f"{dtype} {size / 2**20:,.2f} MiB"
+                      for dtype, size in report.adapter_tensor_bytes.items())
     print(f"\nadapter file tensors: {sizes}")
     return 0

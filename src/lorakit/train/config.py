@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 TASKS = ("causal", "classify")
+METHODS = ("lora", "full")  # full: every parameter trains, no adapter
 SCHEDULERS = ("cosine", "linear", "constant")
 LONG_EXAMPLES = ("truncate", "skip")
 _NAMES = re.compile(r"\s*[\w.\-]+\s*(,\s*[\w.\-]+\s*)*")
@@ -53,6 +54,9 @@ class TrainConfig:
         max_length: token limit per example (or per packed sequence).
         long_examples: ``"truncate"`` or ``"skip"`` the examples longer than ``max_length``.
         packing: concatenate short examples into sequences of ``max_length`` tokens.
+        method: ``"lora"`` (inject the adapter below; the base stays frozen) or ``"full"`` (full
+            fine-tuning: no adapter, every parameter trains, and the output folder holds the whole model
+            via ``save_pretrained`` plus its tokenizer; the adapter options are then unused).
         r, alpha, dropout, targets, dora, rslora: the adapter (`lorakit.LoraConfig`'s ``r``,
             ``lora_alpha``, ``lora_dropout``, ``target_modules``, ``use_dora``, ``use_rslora``). ``targets``
             is ``"all-linear"``, a list of module names, a comma-separated string of names, or a regex.
@@ -98,6 +102,7 @@ class TrainConfig:
     long_examples: str = "truncate"
     packing: bool = False
 
+    method: str = "lora"
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
@@ -151,6 +156,12 @@ class TrainConfig:
         ):
             setattr(self, name, _as_float(name, getattr(self, name)))
         _one_of("task", self.task, TASKS)
+        _one_of("method", self.method, METHODS)
+        if self.method == "full" and (self.dora or self.quantize is not None):
+            # DoRA is an adapter; a 4-bit base cannot be trained directly.
+            raise ValueError(
+                "method='full' trains every parameter: it cannot be combined with dora or quantize"
+            )
         _one_of("scheduler", self.scheduler, SCHEDULERS)
         _one_of("long_examples", self.long_examples, LONG_EXAMPLES)
         _one_of("eval_metric", self.eval_metric, tuple(EVAL_METRICS))

@@ -42,11 +42,13 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def plot_loss(records: list[dict[str, Any]], path: str | Path) -> Path:
-    """Training loss (and eval loss, when present) against step, written as a PNG with matplotlib's Agg."""
-    import matplotlib
+    """Training loss (and eval loss, when present) against step, written as a PNG.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn on a bare ``Figure`` with the Agg canvas, not through pyplot: no global backend is switched and
+    no figure is left open in the caller's session (a notebook keeps its own backend).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train" and _finite(r.get("loss"))]
     evals = [
@@ -54,21 +56,20 @@ def plot_loss(records: list[dict[str, Any]], path: str | Path) -> Path:
         for r in records
         if r.get("kind") == "eval" and _finite(r.get("eval_loss"))
     ]
-    figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
-    try:
-        if train:
-            axes.plot(*zip(*train), label="train loss", linewidth=1)
-        if evals:
-            axes.plot(*zip(*evals), "o-", label="eval loss", linewidth=1.5)
-        axes.set_xlabel("optimizer step")
-        axes.set_ylabel("cross-entropy (nats per label token)")
-        axes.grid(alpha=0.3)
-        if train or evals:
-            axes.legend()
-        figure.tight_layout()
-        figure.savefig(path)
-    finally:
-        plt.close(figure)
+    figure = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    if train:
+        axes.plot(*zip(*train), label="train loss", linewidth=1)
+    if evals:
+        axes.plot(*zip(*evals), "o-", label="eval loss", linewidth=1.5)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("mean cross-entropy per target")
+    axes.grid(alpha=0.3)
+    if train or evals:
+        axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
     return Path(path)
 
 

@@ -1,12 +1,14 @@
 """`train(config)`: a whole run from a `TrainConfig`: model, adapter, data, the loop, the output folder.
 
 The output folder ends up with the adapter in PEFT's layout (adapter_config.json,
-adapter_model.safetensors), metrics.jsonl, loss.png, run_config.yaml (the exact options used) and,
+adapter_model.safetensors) -- or, with ``method="full"``, the whole model and its tokenizer
+(``save_pretrained``) --, metrics.jsonl, loss.png, run_config.yaml (the exact options used) and,
 when ``save_every`` is set, checkpoints/.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.model import inject
+from lorakit.train.adapter import write_adapter
 from lorakit.train.checkpoint import seed_everything
 from lorakit.train.config import TrainConfig, write_yaml
 from lorakit.train.distributed import Distributed
@@ -77,6 +80,7 @@ def train(config: TrainConfig, progress: TrainCallback | None = None) -> TrainRe
             scorer=scorer,
             callback=progress,
             context=context,
+            adapter_writer=write_adapter if config.method == "lora" else _full_model_writer(tokenizer),
         )
     finally:
         context.close()
@@ -106,7 +110,10 @@ def _prepare(config: TrainConfig) -> tuple[nn.Module, Any, list[Any], list[Any] 
         from lorakit.models import load_causal_lm
 
         model, tokenizer = load_causal_lm(config.model, quantize=config.quantize, dtype=dtype)
-    inject(model, lora_config(config))
+    if config.method == "lora":
+        inject(model, lora_config(config))
+    else:  # full fine-tuning: from_pretrained leaves nothing frozen, but say so rather than rely on it
+        model.requires_grad_(True)
 
     options = {
         "format": choice.format,
@@ -127,6 +134,17 @@ def _prepare(config: TrainConfig) -> tuple[nn.Module, Any, list[Any], list[Any] 
             eval_rows, tokenizer, source=str(config.eval_data), labels=stats.label_names, **options
         )
     return model, tokenizer, train_examples, eval_examples, eval_rows
+
+
+def _full_model_writer(tokenizer: Any) -> Callable[[nn.Module, Path], Path]:
+    """The output writer of ``method="full"``: an HF model folder (weights, config, tokenizer)."""
+
+    def write(model: nn.Module, folder: Path) -> Path:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        return Path(folder)
+
+    return write
 
 
 def _scorer(config: TrainConfig, tokenizer: Any, eval_rows: list[Any], context: Distributed) -> Scorer | None:
