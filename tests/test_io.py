@@ -539,3 +539,25 @@ def test_seq_cls_head_names_from_peft_are_implicit_again() -> None:
     assert config.modules_to_save == ["pooler"]
     heads_only = io.lora_config_from_peft({**values, "modules_to_save": ["classifier", "score"]})
     assert heads_only.modules_to_save is None
+
+
+def test_peft_style_generic_target_list_loads_when_the_tensors_fit(tmp_path: Path) -> None:
+    """PEFT tolerates target entries that match nothing (e.g. a generic list); the tensors decide."""
+    model = tiny_llama()
+    config = lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    lorakit.inject(model, config)
+    lorakit.save_adapter(model, tmp_path / "a")
+    config_file = tmp_path / "a" / "adapter_config.json"
+    values = json.loads(config_file.read_text())
+    values["target_modules"] = ["q_proj", "v_proj", "query_key_value", "Wqkv"]
+    config_file.write_text(json.dumps(values))
+    fresh = tiny_llama()
+    lorakit.load_adapter(fresh, tmp_path / "a")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, model(ids).logits)
+    # An adapter none of whose targets exist is still refused with the matcher's closest names.
+    values["target_modules"] = ["query_key_value"]
+    config_file.write_text(json.dumps(values))
+    with pytest.raises(ValueError, match="closest names"):
+        lorakit.load_adapter(tiny_llama(), tmp_path / "a")

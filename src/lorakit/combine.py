@@ -26,7 +26,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.layers import AdapterLayer, LoraEmbedding, LoraLinear, ModulesToSave
-from lorakit.model import adapter_configs, adapter_layers, add_adapter
+from lorakit.model import adapter_configs, adapter_layers, add_adapter, check_new_adapter_name
 
 CombineMethod = Literal["linear", "cat", "svd"]
 METHODS: tuple[str, ...] = ("linear", "cat", "svd")
@@ -100,13 +100,7 @@ def _check_request(
         if configs[name].use_dora:
             raise ValueError(f"adapter {name!r} uses DoRA: its magnitude vector cannot be combined linearly; "
                              "merge it or combine plain LoRA adapters")
-    if not adapter_name or "." in adapter_name:
-        raise ValueError(f"adapter name must be non-empty and contain no '.', got {adapter_name!r}")
-    if hasattr(nn.ModuleDict(), adapter_name):
-        # The layers keep adapters in nn.ModuleDicts, which cannot hold a key such as "half" or "to".
-        raise ValueError(f"adapter name {adapter_name!r} is an attribute of torch modules; pick another")
-    if adapter_name in configs:
-        raise ValueError(f"adapter {adapter_name!r} already exists; pick a new name or delete_adapter() it")
+    check_new_adapter_name(model, adapter_name)
     if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
         raise ValueError(f"svd_rank must be an integer >= 1, got {svd_rank!r}")
     return {name: float(weight) for name, weight in weights.items()}

@@ -38,12 +38,19 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.layers import ADAPTER_PARAMETER_PREFIXES, AdapterLayer, LoraEmbedding, LoraLinear, ModulesToSave
-from lorakit.matching import ALL_LINEAR, CLASSIFIER_HEAD_NAMES, find_targets, modules_to_save_entries
+from lorakit.matching import (
+    ALL_LINEAR,
+    CLASSIFIER_HEAD_NAMES,
+    find_targets,
+    modules_to_save_entries,
+    name_matches,
+)
 from lorakit.model import (
     active_adapters,
     adapter_configs,
     adapter_layers,
     add_adapter,
+    check_new_adapter_name,
     delete_adapter,
     set_adapter,
 )
@@ -181,8 +188,9 @@ def load_adapter(
             adapter name already in use.
     """
     directory = Path(directory)
-    config = lora_config_from_peft(_read_config(directory), source=str(directory / CONFIG_NAME))
-    _check_new_name(model, adapter_name)
+    config = _present_targets_only(model, lora_config_from_peft(_read_config(directory),
+                                                                source=str(directory / CONFIG_NAME)))
+    check_new_adapter_name(model, adapter_name)
     tensors = _read_tensors(directory / WEIGHTS_NAME)
     where = str(directory / WEIGHTS_NAME)
     _check_fits_shadow(model, config, adapter_name, tensors, where)
@@ -318,6 +326,20 @@ def lora_config_from_peft(values: Mapping[str, Any], *, source: str = "adapter c
         return LoraConfig.from_dict(kept)
     except (TypeError, ValueError, AttributeError) as error:
         raise ValueError(f"{source}: invalid LoRA config: {error}") from error
+
+
+def _present_targets_only(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """Drop ``target_modules`` entries that name no module of ``model``, as PEFT tolerates on load.
+
+    Configs in circulation often list generic names (all seven projections, say) for a model that has
+    fewer; the adapter's tensors, checked next, say exactly which modules it needs. If no entry matches,
+    the config is kept whole so the matcher's error names the closest modules.
+    """
+    if not isinstance(config.target_modules, list):
+        return config
+    names = [name for name, _ in model.named_modules()]
+    present = [entry for entry in config.target_modules if any(name_matches(n, [entry]) for n in names)]
+    return config.replace(target_modules=present) if present else config
 
 
 # --- which tensors belong to an adapter ------------------------------------------------------------------
@@ -483,17 +505,6 @@ def _loadable_init(init: Any, source: str) -> bool | str:
         return True
     raise ValueError(f"{source}: init_lora_weights={init!r} rewrites the base weights in a way lorakit "
                      "does not reproduce; merge the adapter or convert it to plain LoRA with PEFT first")
-
-
-def _check_new_name(model: nn.Module, adapter_name: str) -> None:
-    if not adapter_name or "." in adapter_name:
-        raise ValueError(f"adapter name must be non-empty and contain no '.', got {adapter_name!r}")
-    if hasattr(nn.ModuleDict(), adapter_name):
-        # The layers keep adapters in nn.ModuleDicts, which cannot hold a key such as "half" or "to".
-        raise ValueError(f"adapter name {adapter_name!r} is an attribute of torch modules; pick another")
-    if adapter_name in adapter_configs(model):
-        raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick a "
-                         "new name")
 
 
 def _check_fits_shadow(

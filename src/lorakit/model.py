@@ -85,13 +85,21 @@ def _is_adapter_parameter(name: str) -> bool:
     return any(part.startswith("lora_") for part in name.split(".")) or ".modules_to_save." in f".{name}"
 
 
-def _add(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
-    """Create adapter ``adapter_name`` everywhere ``config`` says, all or nothing."""
+def check_new_adapter_name(model: nn.Module, adapter_name: str) -> None:
+    """Raise ValueError unless ``adapter_name`` can name a new adapter of ``model``."""
     if not adapter_name or "." in adapter_name:
         raise ValueError(f"adapter name must be non-empty and contain no '.', got {adapter_name!r}")
+    if hasattr(nn.ModuleDict(), adapter_name):
+        # The layers keep adapters in nn.ModuleDicts, which cannot hold a key such as "half" or "to".
+        raise ValueError(f"adapter name {adapter_name!r} is an attribute of torch modules; pick another")
     if adapter_name in adapter_configs(model):
         raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick "
                          "another name")
+
+
+def _add(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
+    """Create adapter ``adapter_name`` everywhere ``config`` says, all or nothing."""
+    check_new_adapter_name(model, adapter_name)
     targets = find_targets(model, config)
     saved = find_modules_to_save(model, config)
     modules = dict(model.named_modules())
