@@ -58,12 +58,12 @@ def parse_args() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--stage", choices=(*STAGES, "all"), default="all")
-    parser.add_argument("--train-size", type=int, default=4000, help="training sentences (default 4000)")
+    parser.add_argument("--train-size", type=int, default=3200, help="training sentences (default 3200)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--lora-lrs", default="5e-4,1e-3,2e-3", help="LoRA learning rates tried on dev")
+    parser.add_argument("--lora-lrs", default="5e-4,1e-3,2e-3,4e-3", help="LoRA learning rates tried on dev")
     parser.add_argument(
-        "--full-lrs", default="5e-5,1e-4", help="full fine-tuning learning rates tried on dev"
+        "--full-lrs", default="5e-5,1e-4,2e-4,4e-4", help="full fine-tuning learning rates tried on dev"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "sst2")
@@ -186,9 +186,11 @@ def stage_sweep(args: argparse.Namespace, train_file: Path, pilot: dict) -> None
     # The pilot's winners are exactly two of these runs (same options): link them instead of retraining.
     # run_sweep checks the options of a finished run before it skips it.
     for name, method in (("lora-qv-r8", "lora"), ("full", "full")):
-        link = main / name
+        link, target = main / name, os.path.relpath(pilot["chosen"][method]["folder"], main)
+        if link.is_symlink() and os.readlink(link) != target:
+            link.unlink()  # a wider learning-rate grid chose another run
         if not link.exists():
-            link.symlink_to(os.path.relpath(pilot["chosen"][method]["folder"], main))
+            link.symlink_to(target)
     result = run_sweep(base, settings, main, full_overrides={"lr": full_lr}, callback=Printer())
     paths = write_sweep_report(result, args.figures)
     log(f"sweep: {len(result.ran)} trained, {len(result.skipped)} reused -> {paths['markdown']}")
@@ -231,8 +233,10 @@ def stage_rank(args: argparse.Namespace) -> None:
     folder = args.figures / "rank"
     write_rank_report(report, folder)
     summary = energy_by_layer_type(report_to_json(report))
-    _write_json(folder / "energy_by_layer_type.json", summary)
-    plot_energy(summary, folder / "energy_by_layer_type.png")
+    # a matrix and its transpose have the same singular values: one baseline per shape up to transposition
+    baselines = random_baselines({tuple(sorted(values["shape"])) for values in summary.values()})
+    _write_json(folder / "energy_by_layer_type.json", {"layer_types": summary, "random_gaussian": baselines})
+    plot_energy(summary, baselines, folder / "energy_by_layer_type.png")
     log(f"rank: {len(report.layers)} layers analysed -> {folder}")
 
 
@@ -258,7 +262,20 @@ def energy_by_layer_type(report: dict) -> dict:
     return summary
 
 
-def plot_energy(summary: dict, path: Path) -> None:
+def random_baselines(shapes: set[tuple[int, int]]) -> dict[str, dict[str, float]]:
+    """Energy the top k directions keep in a Gaussian matrix of each shape: what "not low-rank" looks like."""
+    from lorakit.analysis.spectrum import eckart_young_errors
+
+    generator = torch.Generator().manual_seed(0)
+    baselines = {}
+    for rows, columns in sorted(shapes):
+        values = torch.linalg.svdvals(torch.randn(rows, columns, generator=generator, dtype=torch.float64))
+        errors = eckart_young_errors(values, RANKS)
+        baselines[f"{rows}×{columns}"] = {str(k): 1 - errors[k] ** 2 for k in RANKS}
+    return baselines
+
+
+def plot_energy(summary: dict, baselines: dict, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -267,6 +284,14 @@ def plot_energy(summary: dict, path: Path) -> None:
     axes = figure.add_subplot()
     for label, values in summary.items():
         axes.plot(RANKS, [values["energy_captured"][str(k)] for k in RANKS], "o-", label=label)
+    for index, (shape, energy) in enumerate(baselines.items()):
+        axes.plot(
+            RANKS,
+            [energy[str(k)] for k in RANKS],
+            linestyle=(0, (4, 2 + 2 * index)),
+            color="grey",
+            label=f"random Gaussian {shape}",
+        )
     axes.set_xscale("log", base=2)
     axes.set_xticks(RANKS, [str(k) for k in RANKS])
     axes.set_ylim(0, 1)

@@ -672,6 +672,9 @@ def plot_metric_vs_rank(rows: Sequence[SweepRow], path: str | Path) -> Path:
         if row.method == "full" and row.metric is not None:
             axes.axhline(row.metric, color="black", linestyle="--", linewidth=1, label="full fine-tuning")
     axes.set_xscale("log", base=2)
+    ranks = sorted({r.r for r in rows if r.r is not None})
+    if ranks:
+        axes.set_xticks(ranks, [str(r) for r in ranks])
     axes.set_xlabel("rank r")
     axes.set_ylabel(rows[0].metric_name if rows else "metric")
     axes.grid(alpha=0.3)
@@ -702,7 +705,8 @@ def plot_metric_vs_params(rows: Sequence[SweepRow], path: str | Path) -> Path:
                     (r.trainable_parameters, r.metric),
                     fontsize=6,
                     textcoords="offset points",
-                    xytext=(3, 3),
+                    # DoRA sits next to LoRA of the same rank: its label goes below so both stay legible
+                    xytext=(3, -9) if method == "dora" else (3, 3),
                 )
     axes.set_xscale("log")
     axes.set_xlabel("trainable parameters")

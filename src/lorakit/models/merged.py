@@ -15,14 +15,12 @@ gives the outputs of the unmerged model. Two traps are handled:
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from lorakit.atomic import write_atomically
 from lorakit.io import load_adapter
 from lorakit.model import merge_and_unload
 from lorakit.models.loading import load_causal_lm, load_classifier
@@ -67,18 +65,11 @@ def export_merged(
     _dequantize_remaining(model)
     plain = _plain_copy(model, dtype)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        plain.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return output
+    def write(folder: Path) -> None:
+        plain.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return write_atomically(output, write)
 
 
 def _num_labels(adapter: Path) -> int:

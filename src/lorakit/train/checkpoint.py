@@ -10,7 +10,6 @@ which `latest_checkpoint` ignores and the next save removes.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
@@ -20,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from lorakit.atomic import write_atomically
 
 STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -72,41 +73,6 @@ def list_checkpoints(output: str | Path) -> list[Path]:
 def latest_checkpoint(output: str | Path) -> Path | None:
     found = list_checkpoints(output)
     return found[-1] if found else None
-
-
-def write_atomically(target: Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(folder)`` on a fresh temporary folder, then rename it to ``target`` in one step.
-
-    A previous ``target`` is replaced (moved aside first, since a directory cannot be renamed over a
-    non-empty one); stale temporary folders of earlier crashed writes are removed.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".tmp-{target.name}-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    temporary = target.parent / f".tmp-{target.name}-{os.getpid()}"
-    temporary.mkdir()
-    try:
-        write(temporary)
-        _fsync_tree(temporary)
-        if target.exists():
-            old = target.parent / f".old-{target.name}-{os.getpid()}"
-            os.replace(target, old)
-            os.replace(temporary, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(temporary, target)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    return target
-
-
-def _fsync_tree(folder: Path) -> None:
-    # The rename must not become visible before the data: flush the files first.
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
 
 
 def save_checkpoint(
