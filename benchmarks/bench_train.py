@@ -20,12 +20,18 @@ and AdamW's state stay fp32. The QLoRA rows use the same NF4 base on both sides 
 ``lorakit train --quantize nf4 --bf16`` loads).
 
 Per row, in one process: both models get the same initial weights (peft's adapter, made with
-``init_lora_weights=False`` so B is not zero, copied into lorakit by name). The first step of each is the
-untimed warm-up and runs under lorakit's ``LiveTensorTracker`` (the same method for both libraries, with
-AdamW's state allocated beforehand so the step has the steady-state layout): its peak counts weights,
-gradients, AdamW's state, the batch and activations, and its loss and per-tensor gradient norms are
-compared between the libraries. Then ``--rounds`` timed steps alternate lorakit and peft (the order flips
-each round, so load from other jobs hits both alike); the report gives medians and ratios.
+``init_lora_weights=False`` so B is not zero, copied into lorakit by name). A small forward + backward of
+each (1 x 32 tokens, no update) runs every code path once. The first full step of each then runs under
+lorakit's ``LiveTensorTracker`` (the same method for both libraries, AdamW's state allocated beforehand so
+the step has the steady-state layout): its peak counts weights, gradients, AdamW's state, the batch and
+activations, and its loss and per-tensor gradient norms are compared between the libraries. It is not
+timed (the tracker slows small operators, peft's more than lorakit's). Then ``--rounds`` (fp32) or
+``--bf16-rounds`` timed steps alternate lorakit and peft in ABBA order, so drifting load from other jobs
+hits both alike; the report gives medians and the ratios lorakit / peft. ``--rounds 0`` times the measured
+step instead (a quick estimate of the cost of a run).
+
+``OMP_WAIT_POLICY=PASSIVE`` is set before torch loads (unless already set): OpenMP's default spinning
+made every step 2 to 3 times slower on the shared 2-core machine. ``HF_HUB_OFFLINE=1`` likewise.
 """
 
 from __future__ import annotations
@@ -34,11 +40,17 @@ import argparse
 import contextlib
 import gc
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+# Before torch loads OpenMP: with the default (spinning) wait policy, OpenMP threads that wait burn the CPU
+# other processes need, and on this project's shared 2-core machines a step took 2 to 3 times longer.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import peft
 import torch
@@ -241,7 +253,13 @@ def measured_step(side: Side, batch: Batch) -> tuple[tuple[float, dict[str, floa
 
 
 def run_row(
-    row: str, dtype: str, batch: Batch, rounds: int, chunk_size: int, log: Callable[[str], None]
+    row: str,
+    dtype: str,
+    batch: Batch,
+    rounds: int,
+    chunk_size: int,
+    log: Callable[[str], None],
+    lorakit_first: bool = True,
 ) -> dict[str, Any]:
     """One (row, dtype): warm-up, the measured first step of each library, then alternated timed steps.
 
@@ -256,8 +274,13 @@ def run_row(
         side.warm_up(small)
     built = time.perf_counter()
     # The first full step of each is the memory pass and the agreement check (same weights, same batch).
-    first_ours, memory_ours, tracked_ours = measured_step(ours, batch)
-    first_peft, memory_peft, tracked_peft = measured_step(theirs, batch)
+    # (which library goes first alternates between rows, so a drift in background load is shared)
+    if lorakit_first:
+        first_ours, memory_ours, tracked_ours = measured_step(ours, batch)
+        first_peft, memory_peft, tracked_peft = measured_step(theirs, batch)
+    else:
+        first_peft, memory_peft, tracked_peft = measured_step(theirs, batch)
+        first_ours, memory_ours, tracked_ours = measured_step(ours, batch)
     check = agreement(first_ours, first_peft)
     log(
         f"{row}/{dtype}: built and warmed up in {built - start:.0f}s, measured step lorakit "
@@ -265,8 +288,8 @@ def run_row(
         f"per-tensor grad-norm diff {check['max_tensor_grad_norm_rel_diff']:.1e}"
     )
     for index in range(rounds):
-        # alternate which library goes first, so a drift in background load is shared
-        for side in (ours, theirs) if index % 2 == 0 else (theirs, ours):
+        # ABBA order, continuing from the measured steps: a drift in background load hits both alike
+        for side in (ours, theirs) if (index % 2 == 0) != lorakit_first else (theirs, ours):
             tick = time.perf_counter()
             side.step(batch)
             side.times.append(time.perf_counter() - tick)
@@ -379,7 +402,7 @@ def table(results: list[dict[str, Any]], setup: dict[str, Any], command: str) ->
 DEFAULTS: dict[str, Any] = {
     "rows": ",".join(ROWS),
     "dtypes": ",".join(DTYPES),
-    "rounds": 3,
+    "rounds": 2,
     "bf16_rounds": 2,
     "batch_size": 8,
     "seq_len": 256,
@@ -433,7 +456,8 @@ def main() -> None:
     for dtype in dtypes:
         for row in rows:
             rounds = args.rounds if dtype == "fp32" else args.bf16_rounds
-            results.append(run_row(row, dtype, batch, rounds, args.chunk_size, log))
+            first = len(results) % 2 == 0
+            results.append(run_row(row, dtype, batch, rounds, args.chunk_size, log, lorakit_first=first))
             gc.collect()
     setup = {
         "model": "SmolLM2-135M-Instruct",

@@ -209,3 +209,20 @@ def test_errors_name_the_problem(tmp_path: Path) -> None:
         load_adapter_folder(bad)
     with pytest.raises(ValueError, match="base model folder"):
         rank.analyse_rank(None, tmp_path)
+
+
+def test_model_folders_whose_names_differ_by_a_class_prefix(tmp_path: Path) -> None:
+    """A base saved from BertModel (``encoder...``) against a tuned BertForSequenceClassification
+    (``bert.encoder...``): the layers pair up by their common suffix."""
+    generator = torch.Generator().manual_seed(4)
+    base = {"encoder.layer.0.query.weight": torch.randn(16, 16, generator=generator)}
+    tuned = {"bert.encoder.layer.0.query.weight": base["encoder.layer.0.query.weight"]
+             + planted(16, 16, [3.0, 1.0, 0.5], 0.0, 6).float(),
+             "classifier.weight": torch.randn(2, 16, generator=generator)}
+    for name, tensors in (("base", base), ("tuned", tuned)):
+        (tmp_path / name).mkdir()
+        save_file(tensors, tmp_path / name / "model.safetensors")
+    report = rank.analyse_rank(tmp_path / "base", tmp_path / "tuned", threshold=0.999)
+    found = [(layer.name, layer.energy_rank) for layer in report.layers]
+    assert found == [("bert.encoder.layer.0.query.weight", 3)]
+    assert report.skipped == {"classifier.weight": "not in base"}

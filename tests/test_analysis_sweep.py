@@ -207,9 +207,16 @@ def test_a_run_killed_midway_continues_from_its_checkpoint(
     assert "resumed from a checkpoint" in sweep.table_markdown(result)
 
 
-def test_a_finished_run_made_with_other_options_is_an_error(tiny: dict[str, str], tmp_path: Path) -> None:
+def test_a_finished_run_made_with_other_options_is_an_error(
+    tiny: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, train_calls: list
+) -> None:
     settings = [SweepSetting("lora", 1, ("q", "v"))]
     run_sweep(base_config(tiny), settings, tmp_path / "s", measure_memory=False)
+    # the same files named by relative paths are the same options
+    monkeypatch.chdir(tmp_path)
+    relative = base_config(tiny, data="train.tsv", eval_data="dev.tsv")
+    assert run_sweep(relative, settings, Path("s"), measure_memory=False).skipped == ["lora-qv-r1"]
+    assert len(train_calls) == 1
     with pytest.raises(ValueError, match=r"other options \(lr: 0\.01 there, 0\.02 now"):
         run_sweep(base_config(tiny, lr=2e-2), settings, tmp_path / "s", measure_memory=False)
 

@@ -214,3 +214,12 @@ def test_qlora_nf4_base_trains_fp32_adapters(tmp_path: Path, tiny_folder: Path, 
     assert result.losses[-1] < result.losses[0] - 0.1
     tensors = load_file(tmp_path / "out" / "adapter_model.safetensors")
     assert tensors and all(t.dtype == torch.float32 for t in tensors.values())
+
+
+def test_method_flag_selects_full_fine_tuning() -> None:
+    args = build_parser().parse_args(["train", "--method", "full", "--lr", "1e-5"])
+    overrides = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "quiet")}
+    assert build_config(None, overrides).method == "full"
+    assert build_config(None, {}).method == "lora"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--method", "partial"])

@@ -33,7 +33,7 @@ class DemoRecipe:
     lora_dropout: float = 0.0
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     lr: float = 2e-3
-    steps: int = 150
+    steps: int = 80
     batch_size: int = 8
     warmup_steps: int = 10
     max_length: int = 96

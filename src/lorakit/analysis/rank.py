@@ -30,6 +30,7 @@ from lorakit.analysis.weights import (
     is_adapter_folder,
     load_adapter_folder,
     resolve_base_name,
+    resolve_name,
 )
 
 # singular values kept per layer in the JSON: enough for every plot, bounded for 4096-wide layers
@@ -135,13 +136,14 @@ def _analyse_models(base: Path, tuned: Path, threshold: float) -> RankReport:
     with ModelFolder(base) as base_folder, ModelFolder(tuned) as tuned_folder:
         base_names = set(base_folder.names())
         for name in tuned_folder.matrices():
-            if name not in base_names:
+            base_name = resolve_name(name, base_names)
+            if base_name is None:
                 report.skipped[name] = "not in base"
                 continue
-            if base_folder.shape(name) != tuned_folder.shape(name):
-                report.skipped[name] = f"shape {base_folder.shape(name)} vs {tuned_folder.shape(name)}"
+            if base_folder.shape(base_name) != tuned_folder.shape(name):
+                report.skipped[name] = f"shape {base_folder.shape(base_name)} vs {tuned_folder.shape(name)}"
                 continue
-            before, after = base_folder.get(name), tuned_folder.get(name)
+            before, after = base_folder.get(base_name), tuned_folder.get(name)
             if torch.equal(before, after):
                 report.skipped[name] = "identical"
                 continue

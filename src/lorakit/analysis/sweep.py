@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -53,6 +53,9 @@ from torch import nn
 from lorakit.matching import is_linear, name_matches
 from lorakit.model import trainable_parameters
 from lorakit.train import TrainCallback, TrainConfig, TrainResult, train
+
+if TYPE_CHECKING:
+    from lorakit.analysis.measure import MeasuredPeak
 
 RESULT_FILE = "sweep_result.json"
 TABLE_JSON, TABLE_MD = "sweep.json", "sweep.md"
@@ -500,7 +503,7 @@ def _metrics(config: TrainConfig, trained: TrainResult) -> tuple[str, float | No
     return name, value, last
 
 
-def _measure_peak(model: nn.Module, config: TrainConfig) -> Any:
+def _measure_peak(model: nn.Module, config: TrainConfig) -> MeasuredPeak:
     """Live-tensor peak of two optimizer steps on a ``batch_size × max_length`` batch (see module doc)."""
     from lorakit.analysis.measure import measure_training_peak
     from lorakit.train.optim import build_optimizer
@@ -532,6 +535,10 @@ def _comparable(config: TrainConfig) -> dict[str, Any]:
     values = config.to_dict()
     for key in _IGNORED_WHEN_COMPARING:
         values.pop(key, None)
+    for key in ("model", "data", "eval_data"):
+        # `runs/x.tsv` and `/work/runs/x.tsv` are the same file: compare where the paths lead
+        if isinstance(values.get(key), str) and Path(values[key]).exists():
+            values[key] = str(Path(values[key]).resolve())
     return json.loads(json.dumps(values))  # tuples -> lists, as they come back from JSON
 
 

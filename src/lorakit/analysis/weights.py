@@ -213,17 +213,26 @@ class ModelFolder:
         return (name for name in self._where if len(self.shape(name)) == 2)
 
 
+def resolve_name(name: str, names: set[str]) -> str | None:
+    """``name`` itself if present, else the one name that differs from it by a leading prefix only.
+
+    Folders of the same model saved from different classes disagree on the prefix: ``bert.encoder...``
+    (BertForSequenceClassification) against ``encoder...`` (BertModel).
+    """
+    if name in names:
+        return name
+    candidates = [n for n in names if n.endswith("." + name) or name.endswith("." + n)]
+    return candidates[0] if len(candidates) == 1 else None
+
+
 def resolve_base_name(module: str, names: set[str]) -> str:
     """The base tensor name ``<module>.weight``, tolerating a leading prefix difference.
 
     An adapter trained on ``LlamaForCausalLM`` names ``model.layers.0...``; a base folder saved from
     ``LlamaModel`` names ``layers.0...``. Exact match first, then a unique dotted-suffix match.
     """
-    exact = f"{module}.weight"
-    if exact in names:
-        return exact
-    candidates = [n for n in names if n.endswith("." + exact) or exact.endswith("." + n)]
-    if len(candidates) == 1:
-        return candidates[0]
+    found = resolve_name(f"{module}.weight", names)
+    if found is not None:
+        return found
     example = sorted(names)[:3]
     raise KeyError(f"base model has no weight for adapted module {module!r} (base names look like {example})")

@@ -61,6 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     what.add_argument("--packing", action=argparse.BooleanOptionalAction, help="pack short examples together")
 
     adapter = parser.add_argument_group("adapter")
+    adapter.add_argument("--method", choices=("lora", "full"),
+                         help="lora (default) or full: train every parameter, save the whole model")
     adapter.add_argument("--r", type=int, help="rank (default 16)")
     adapter.add_argument("--alpha", type=float, help="lora_alpha (default 32)")
     adapter.add_argument("--dropout", type=float, help="lora_dropout (default 0.05)")
