@@ -402,8 +402,8 @@ def table(results: list[dict[str, Any]], setup: dict[str, Any], command: str) ->
 DEFAULTS: dict[str, Any] = {
     "rows": ",".join(ROWS),
     "dtypes": ",".join(DTYPES),
-    "rounds": 2,
-    "bf16_rounds": 2,
+    "rounds": 4,
+    "bf16_rounds": 4,
     "batch_size": 8,
     "seq_len": 256,
     "label_fraction": 1.0,
