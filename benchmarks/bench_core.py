@@ -117,7 +117,8 @@ def main() -> None:
         def load_peft() -> float:
             model = copy.deepcopy(base)
             start = time.perf_counter()
-            peft.PeftModel.from_pretrained(model, f"{tmp}/peft/")
+            # peft writes an adapter not named "default" into a subfolder of that name.
+            peft.PeftModel.from_pretrained(model, f"{tmp}/peft/{ADAPTERS[0]}")
             return time.perf_counter() - start
 
         lifecycle = {

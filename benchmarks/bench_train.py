@@ -172,9 +172,8 @@ def build_row(row: str, dtype: str, chunk_size: int) -> tuple[Side, Side]:
     loss_module = LossModule(ours, "causal", chunk_size)  # what lorakit.train runs
 
     def our_loss(batch: Batch) -> torch.Tensor:
-        scale = 1.0 / max(
-            count_label_tokens(batch, "causal"), 1
-        )  # counted before the forward, as the trainer
+        # the label count is taken before the forward, as the trainer does
+        scale = 1.0 / max(count_label_tokens(batch, "causal"), 1)
         with autocast():
             loss_sum, _ = loss_module(batch)
         return loss_sum * scale

@@ -334,7 +334,8 @@ class LoraLinear(AdapterLayer):
             base_result = result
             for name in names:
                 if name in self.lora_magnitude_vector:
-                    result = result + self._dora_output(base_result, x, name)
+                    # Added in the wider dtype and rounded once (a bf16 base under autocast), as PEFT.
+                    result = (result + self._dora_output(base_result, x, name)).to(base_result.dtype)
         for name in names:
             if name not in self.lora_magnitude_vector:
                 result = self._add_lora_output(result, x, name)
@@ -364,7 +365,8 @@ class LoraLinear(AdapterLayer):
                            lora_B.t(), alpha=scaling).view(result.shape)
 
     def _dora_output(self, base_result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-        """What DoRA adapter ``name`` adds to the base output ``base_result`` (..., out), in its dtype."""
+        """What DoRA adapter ``name`` adds to the base output ``base_result`` (..., out), in the adapter's
+        dtype or wider; the caller rounds the sum once."""
         lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
         x = x.to(lora_A.dtype)
         weight = self._dense_weight().to(x.dtype)
@@ -372,16 +374,16 @@ class LoraLinear(AdapterLayer):
         dropout = self.lora_dropout[name]
         if isinstance(dropout, nn.Identity) or not self.training:
             bias = self.base_layer.bias
-            base_no_bias = base_result.to(x.dtype)
-            if bias is not None:
-                base_no_bias = base_no_bias - bias.to(x.dtype)
+            # Kept in the base output's dtype: an fp32 copy of a bf16 output would be what autograd saves,
+            # doubling that memory; the product with the fp32 factor promotes anyway.
+            base_no_bias = base_result if bias is None else base_result - bias.to(base_result.dtype)
         else:
             # Dropout changes x, so the base term is recomputed on the dropped-out input (as PEFT).
             x = dropout(x)
             base_no_bias = F.linear(x, weight)
         lora_out = F.linear(F.linear(x, lora_A), lora_B)
         magnitude = self.lora_magnitude_vector[name].weight
-        return dora_delta(base_no_bias, lora_out, magnitude, norm, self.scaling[name]).to(base_result.dtype)
+        return dora_delta(base_no_bias, lora_out, magnitude, norm, self.scaling[name])
 
 
 class LoraEmbedding(AdapterLayer):
