@@ -41,9 +41,9 @@ from lorakit.layers import ADAPTER_PARAMETER_PREFIXES, AdapterLayer, LoraEmbeddi
 from lorakit.matching import (
     ALL_LINEAR,
     CLASSIFIER_HEAD_NAMES,
+    entries_matched,
     find_targets,
     modules_to_save_entries,
-    name_matches,
 )
 from lorakit.model import (
     active_adapters,
@@ -338,7 +338,8 @@ def _present_targets_only(model: nn.Module, config: LoraConfig) -> LoraConfig:
     if not isinstance(config.target_modules, list):
         return config
     names = [name for name, _ in model.named_modules()]
-    present = [entry for entry in config.target_modules if any(name_matches(n, [entry]) for n in names)]
+    matched = entries_matched(names, config.target_modules)
+    present = [entry for entry in config.target_modules if entry in matched]
     return config.replace(target_modules=present) if present else config
 
 
