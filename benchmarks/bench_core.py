@@ -36,12 +36,13 @@ def copy_peft_weights(peft_model: torch.nn.Module, model: torch.nn.Module) -> No
                 ours[name.removeprefix("base_model.model.")].copy_(parameter)
 
 
-def timed(run, repeats: int = 3) -> float:
-    """Median seconds of ``run`` (which gets a fresh setup each time, so no interleaving)."""
-    samples = []
+def paired(ours, theirs, repeats: int = 9) -> tuple[float, float]:
+    """Median seconds of two self-timing runs, called alternately so that load changes hit both."""
+    samples: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        samples.append(run())
-    return sorted(samples)[len(samples) // 2]
+        samples[0].append(ours())
+        samples[1].append(theirs())
+    return tuple(sorted(values)[len(values) // 2] for values in samples)  # type: ignore[return-value]
 
 
 def main() -> None:
@@ -122,9 +123,9 @@ def main() -> None:
             return time.perf_counter() - start
 
         lifecycle = {
-            "merge_and_unload": (timed(merge_ours), timed(merge_peft)),
-            "save_adapter": (timed(save_ours), timed(save_peft)),
-            "load_adapter": (timed(load_ours), timed(load_peft)),
+            "merge_and_unload": paired(merge_ours, merge_peft, repeats=5),
+            "save_adapter": paired(save_ours, save_peft),
+            "load_adapter": paired(load_ours, load_peft),
         }
 
     ratios = {
