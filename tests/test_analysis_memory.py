@@ -234,3 +234,16 @@ def test_estimate_within_25_percent_of_measured_peak(
     growth = measured.peak_bytes - measured.static_bytes
     assert estimate.total - model_bytes == pytest.approx(growth, rel=0.25)
     assert math.isfinite(estimate.activations) and estimate.activations > 0
+
+
+
+def test_qlora_estimate_keeps_berts_pooler_unquantised_like_the_loader(tmp_path: Path) -> None:
+    """lorakit.models' NF4 loader keeps ``bert.pooler.dense`` and ``classifier`` in full precision, so the
+    estimate counts only the encoder's linears as 4-bit: L·(4h² + 2hi) weights."""
+    import json
+
+    values = {"model_type": "bert", "architectures": ["BertForSequenceClassification"], "hidden_size": 64,
+              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100}
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    estimate = estimate_memory(tmp_path, TrainingSetup(method="qlora", seq_len=8))
+    assert estimate.quantized_parameters == 2 * (4 * 64 * 64 + 2 * 64 * 128)

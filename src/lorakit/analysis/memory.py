@@ -44,6 +44,8 @@ from lorakit.analysis.activations import (
     block_activation_bytes,
     head_activation_bytes,
 )
+from lorakit.matching import name_matches
+from lorakit.models.quantize import UNQUANTIZED_HEADS
 
 Method = Literal["full", "lora", "qlora"]
 Optimizer = Literal["adamw", "adamw8bit", "sgd"]
@@ -55,7 +57,6 @@ NF4_BLOCK = 64  # bitsandbytes' 4-bit block size
 NF4_DOUBLE_QUANT_BLOCK = 256  # block size of the second-level (absmax) quantisation
 ADAM8BIT_BLOCK = 256
 ADAM8BIT_MIN_SIZE = 4096  # bitsandbytes keeps smaller tensors' states in fp32
-UNQUANTIZED_HEADS = ("lm_head", "score", "classifier", "pooler")  # as lorakit.models.quantize
 
 
 @dataclass(frozen=True)
@@ -256,7 +257,7 @@ def estimate_memory(config: Any, setup: TrainingSetup | None = None) -> MemoryEs
     if setup.method == "qlora":
         # the heads are recognised by name, as the skip list handed to bitsandbytes does
         for name, (fan_in, fan_out) in linears.items():
-            if name.rsplit(".", 1)[-1] in UNQUANTIZED_HEADS:
+            if name_matches(name, UNQUANTIZED_HEADS):
                 continue
             quantized += fan_in * fan_out
             quantized_bytes += (fan_in * fan_out + 1) // 2  # two 4-bit codes per byte
@@ -306,7 +307,7 @@ def estimate_memory(config: Any, setup: TrainingSetup | None = None) -> MemoryEs
         for index in range(shape.num_layers)
     ]
     tokens = setup.batch_size * setup.seq_len
-    head_names = [n for n in linears if n.rsplit(".", 1)[-1] in UNQUANTIZED_HEADS]
+    head_names = [n for n in linears if name_matches(n, UNQUANTIZED_HEADS)]
     head_trains = full or any(a.name in head_names for a in adapted)
     parts: dict[str, int] = {}
     if setup.gradient_checkpointing:
@@ -320,7 +321,7 @@ def estimate_memory(config: Any, setup: TrainingSetup | None = None) -> MemoryEs
     if setup.attention == "eager":
         parts["causal_mask"] = setup.batch_size * setup.seq_len**2 * p
     if setup.method == "qlora" and quantized:
-        largest = max(i * o for n, (i, o) in linears.items() if n.rsplit(".", 1)[-1] not in UNQUANTIZED_HEADS)
+        largest = max(i * o for n, (i, o) in linears.items() if not name_matches(n, UNQUANTIZED_HEADS))
         parts["dequantized_weight"] = p * largest  # one layer's weight, dequantised for its matmul
     parts = {key: value for key, value in parts.items() if value}
 
