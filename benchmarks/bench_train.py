@@ -60,6 +60,7 @@ from torch import nn
 import lorakit
 from lorakit.analysis.measure import LiveTensorTracker
 from lorakit.models import load_causal_lm
+from lorakit.recompute import LeanActivations
 from lorakit.train.loss import IGNORE_INDEX, LossModule, count_label_tokens
 
 MODEL = "smollm2-135m-instruct"
@@ -170,11 +171,12 @@ def build_row(row: str, dtype: str, chunk_size: int) -> tuple[Side, Side]:
     ours.train()
 
     loss_module = LossModule(ours, "causal", chunk_size)  # what lorakit.train runs
+    lean = LeanActivations(ours)  # the trainer's default (lean_activations=True)
 
     def our_loss(batch: Batch) -> torch.Tensor:
         # the label count is taken before the forward, as the trainer does
         scale = 1.0 / max(count_label_tokens(batch, "causal"), 1)
-        with autocast():
+        with autocast(), lean:
             loss_sum, _ = loss_module(batch)
         return loss_sum * scale
 
@@ -406,7 +408,7 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 8,
     "seq_len": 256,
     "label_fraction": 1.0,
-    "chunk_size": 1024,
+    "chunk_size": 512,
     "threads": 2,
 }
 

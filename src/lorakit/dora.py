@@ -53,4 +53,6 @@ def dora_delta(
         (..., out) ``(m/norm − 1)·Wx + (m/norm)·s·BAx``.
     """
     factor = magnitude / norm
-    return (factor - 1) * base_no_bias + factor * (scaling * lora_out)
+    # (m/n)·s first: the product then keeps `lora_out` itself for backward (not a scaled copy), which
+    # lean activations rebuild from the r-wide A·x instead of keeping (lorakit.recompute).
+    return (factor - 1) * base_no_bias + (factor * scaling) * lora_out

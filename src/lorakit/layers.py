@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.dora import DoraMagnitude, dora_delta, row_norm
+from lorakit.recompute import mark_recomputable
 
 ADAPTER_PARAMETER_PREFIXES = (
     "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
@@ -381,7 +382,9 @@ class LoraLinear(AdapterLayer):
             # Dropout changes x, so the base term is recomputed on the dropped-out input (as PEFT).
             x = dropout(x)
             base_no_bias = F.linear(x, weight)
-        lora_out = F.linear(F.linear(x, lora_A), lora_B)
+        hidden = F.linear(x, lora_A)  # (..., r)
+        lora_out = F.linear(hidden, lora_B)
+        mark_recomputable(lora_out, F.linear, hidden, lora_B)  # (..., out) rebuilt from (..., r)
         magnitude = self.lora_magnitude_vector[name].weight
         return dora_delta(base_no_bias, lora_out, magnitude, norm, self.scaling[name])
 

@@ -98,6 +98,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action=argparse.BooleanOptionalAction,
         help="recompute activations in backward (less memory)",
     )
+    optimisation.add_argument(
+        "--lean-activations",
+        action=argparse.BooleanOptionalAction,
+        help="rebuild cheap activations (norms, activations, gated-MLP products) in backward instead of "
+        "keeping them: same gradients, less memory (default on)",
+    )
     optimisation.add_argument("--loss-chunk-size", type=int, help="label tokens per chunk of the lean loss")
     optimisation.add_argument("--seed", type=int, help="default 0")
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.recompute import LeanActivations
 from lorakit.train.adapter import load_trainable_state, trainable_state, write_adapter
 from lorakit.train.checkpoint import (
     capture_rng_state,
@@ -114,6 +115,10 @@ class Trainer:
         model.train()
         self.named_parameters = trainable_named_parameters(model)
         self.loss_module = LossModule(model, config.task, config.loss_chunk_size)
+        # Checkpointed blocks keep only their inputs, and their recompute in backward runs outside the
+        # context: the two do not mix (and together would save nothing more).
+        lean = config.lean_activations and not config.grad_checkpointing
+        self.lean = LeanActivations(model) if lean else contextlib.nullcontext()
         self.plan = BatchPlan(
             len(train_data),
             config.batch_size,
@@ -199,7 +204,7 @@ class Trainer:
             last = index == len(batches) - 1
             sync = contextlib.nullcontext() if last or not context.enabled else self.ddp.no_sync()
             with sync:
-                with self.autocast():
+                with self.autocast(), self.lean:
                     loss_sum, _ = self.ddp(batch)
                 (loss_sum * scale).backward()
             loss_total += loss_sum.detach().double().cpu()

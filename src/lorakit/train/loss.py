@@ -2,10 +2,16 @@
 
 The causal LM loss is memory-lean: the (batch, seq, vocab) logits are never built. The transformer body
 gives the hidden states (batch, seq, hidden); only the positions whose next token is a label are kept
-(n, hidden); the output head and the cross-entropy then run over chunks of ``chunk_size`` of those rows,
-each chunk under activation checkpointing, so at most one (chunk_size, vocab) block of logits is alive in
-forward and one in backward. For SmolLM2 (vocabulary 49 152) a batch of 8 × 512 tokens would hold 800 MB
-of fp32 logits plus as much again for their gradient; the lean loss holds 200 MB at chunk_size 1024.
+(n, hidden); the output head and the cross-entropy then run over chunks of ``chunk_size`` of those rows.
+For SmolLM2 (vocabulary 49 152) a batch of 8 × 512 tokens would hold 800 MB of fp32 logits plus as much
+again for their gradient; the lean loss holds one chunk's: 100 MB of fp32 logits at chunk_size 512.
+
+A plain ``nn.Linear`` head (the usual ``lm_head``, frozen or trained, tied to the input embedding or not)
+takes `lorakit.train.fused_loss`: each chunk's logits are turned in place into their gradient during
+forward and contracted at once into the gradients of the hidden states and of the head, so the head's
+matmul is not recomputed in backward and only one (chunk, vocab) block (plus its fp32 upcast in half
+precision) ever exists. Any other head (a LoRA on ``lm_head``, a quantised layer) runs each chunk under
+non-reentrant activation checkpointing: its logits are dropped after forward and recomputed in backward.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from lorakit.train.fused_loss import linear_cross_entropy_sum
 
 IGNORE_INDEX = -100
 
@@ -67,7 +75,7 @@ def supports_lean_loss(model: nn.Module) -> bool:
 
 
 def causal_lm_loss_sum(
-    model: nn.Module, batch: Mapping[str, torch.Tensor], chunk_size: int = 1024, lean: bool | None = None
+    model: nn.Module, batch: Mapping[str, torch.Tensor], chunk_size: int = 512, lean: bool | None = None
 ) -> torch.Tensor:
     """Sum of the next-token cross-entropies over the label tokens of ``batch``: a scalar.
 
@@ -95,10 +103,16 @@ def chunked_head_cross_entropy(
 ) -> torch.Tensor:
     """``sum(cross_entropy(head(hidden), targets))`` with hidden (n, h) and targets (n,), chunk by chunk.
 
-    Each chunk runs under non-reentrant checkpointing: its (chunk, vocab) logits are dropped after forward
-    and recomputed in backward, so gradients reach ``hidden`` and any trainable parameter of ``head``
-    (a LoRA on ``lm_head``) while only one chunk of logits exists at a time.
+    Gradients reach ``hidden`` and any trainable parameter of ``head`` while only one (chunk, vocab) block
+    of logits exists at a time. A plain ``nn.Linear`` head without hooks takes the fused loss
+    (`linear_cross_entropy_sum`: gradients computed in forward, no recomputation). Anything else (a LoRA
+    on ``lm_head``, a bitsandbytes layer) runs each chunk under non-reentrant checkpointing: its logits
+    are dropped after forward and recomputed in backward, through the head's own forward.
     """
+    # Exactly nn.Linear: a subclass or wrapper may compute something else than weight and bias say, and
+    # the fused path never calls the module, so a head with forward (pre-)hooks keeps the module path too.
+    if type(head) is nn.Linear and not head._forward_hooks and not head._forward_pre_hooks:
+        return linear_cross_entropy_sum(hidden, head.weight, head.bias, targets, chunk_size)
     # Zero rows (a batch whose labels were all truncated away) still give a loss on the autograd graph, so
     # backward runs, and under DDP every process takes part in the gradient all-reduce.
     total = (hidden.sum() * 0).to(torch.promote_types(hidden.dtype, torch.float32))
@@ -141,7 +155,7 @@ class LossModule(nn.Module):
     the logits (b, num_labels) (None for causal LMs).
     """
 
-    def __init__(self, model: nn.Module, task: str, chunk_size: int = 1024) -> None:
+    def __init__(self, model: nn.Module, task: str, chunk_size: int = 512) -> None:
         super().__init__()
         self.model = model
         self.task = task
