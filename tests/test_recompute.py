@@ -66,19 +66,24 @@ def test_lean_activations_give_autograds_gradients(kind: str) -> None:
         assert (lean_grads[name] - grad).norm() <= 1e-6 * grad.norm(), name
 
 
-def test_lean_activations_under_bf16_autocast() -> None:
-    model = _model("lora", dtype=torch.float32)
+@pytest.mark.parametrize("kind", ["lora", "dora", "full"])
+def test_lean_activations_under_bf16_autocast(kind: str) -> None:
+    model = _model(kind, dtype=torch.float32)
     loss, grads = _loss_and_grads(model, lean=False, bf16=True)
     lean_loss, lean_grads = _loss_and_grads(model, lean=True, bf16=True)
-    assert torch.equal(lean_loss, loss)  # recipes are rebuilt under the forward's autocast state
+    assert torch.equal(lean_loss, loss)  # explicit casts and recipes under the forward's autocast state
     for name, grad in grads.items():
-        torch.testing.assert_close(lean_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+        assert lean_grads[name].dtype == grad.dtype
+        assert (lean_grads[name] - grad).norm() <= 1e-5 * grad.norm(), name
 
 
-def _bytes_kept_after_forward(model: nn.Module, lean: bool) -> int:
+def _bytes_kept_after_forward(model: nn.Module, lean: bool, bf16: bool = False) -> int:
     batch = COLLATE(counting_examples(4, seed=3))
     with LiveTensorTracker() as tracker:
-        with LeanActivations(model) if lean else torch.enable_grad():
+        with (
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
+            LeanActivations(model) if lean else torch.enable_grad(),
+        ):
             loss, _ = LossModule(model, "causal")(batch)
         kept = tracker.current_bytes  # everything the graph keeps for backward (and the loss)
     loss.backward()
@@ -93,18 +98,34 @@ def test_lean_activations_drop_norm_activation_and_product_outputs() -> None:
     # per layer: the two norm outputs (hidden), the SiLU output and the gated product (intermediate)
     per_layer = tokens * (2 * config.hidden_size + 2 * config.intermediate_size) * 4
     saved = _bytes_kept_after_forward(model, lean=False) - _bytes_kept_after_forward(model, lean=True)
-    # ... except the first norm's input (the frozen embedding's output), which autograd would not keep
-    # and the recipe of the first norm's output does
-    first_input = tokens * config.hidden_size * 4
+    # ... except the first norm's input (the frozen embedding's output) and reciprocal norms (tokens, 1),
+    # which autograd would not keep and the recipe of the first norm's output does
+    first_input = tokens * (config.hidden_size + 1) * 4
     assert saved == config.num_hidden_layers * per_layer - first_input
+
+
+def test_under_bf16_autocast_the_bf16_copies_of_weights_and_inputs_are_not_kept() -> None:
+    model = _model("lora", dtype=torch.float32)
+    config = model.config
+    tokens = COLLATE(counting_examples(4, seed=3))["input_ids"].numel()
+    blocks = model.model.layers
+    # autocast keeps a bf16 copy of every frozen block weight (for the input gradient) ...
+    weight_copies = sum(m.weight.numel() * 2 for m in blocks.modules() if type(m) is nn.Linear)
+    # ... and every adapted layer a bf16 copy of its fp32 input: q, k, v and gate, up (norm outputs)
+    input_copies = config.num_hidden_layers * 5 * tokens * config.hidden_size * 2
+    saved = _bytes_kept_after_forward(model, False, bf16=True) - _bytes_kept_after_forward(
+        model, True, bf16=True
+    )
+    assert saved >= weight_copies + input_copies
 
 
 def test_leaving_restores_the_model() -> None:
     model = _model("full")
     lean = LeanActivations(model)
     assert len(lean.rms_norms) == 2 * model.config.num_hidden_layers + 1 and len(lean.gated) == 2
+    assert len(lean.linears) == 7 * model.config.num_hidden_layers + 1  # and lm_head
     with lean:
-        assert all("forward" in norm.__dict__ for norm in lean.rms_norms)
+        assert all("forward" in module.__dict__ for module in (*lean.rms_norms, *lean.linears))
     for module in model.modules():
         assert "forward" not in module.__dict__
         assert not module._forward_hooks and not module._forward_pre_hooks

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.dora import DoraMagnitude, dora_delta, row_norm
-from lorakit.recompute import mark_recomputable
+from lorakit.recompute import autocast_dtype, cast_for_autocast, mark_recomputable
 
 ADAPTER_PARAMETER_PREFIXES = (
     "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
@@ -346,9 +346,13 @@ class LoraLinear(AdapterLayer):
         """result (..., out) + s·B·A·dropout(x), written into ``result`` when that is safe."""
         lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
         scaling, dropout = self.scaling[name], self.lora_dropout[name]
-        x = x.to(lora_A.dtype)
-        if not isinstance(dropout, nn.Identity):  # skipping the no-op module call saves ~3 µs per layer
-            x = dropout(x)
+        lowered = autocast_dtype(x.device.type) if lora_A.dtype != torch.float64 else None
+        if isinstance(dropout, nn.Identity):  # skipping the no-op module call saves ~3 µs per layer
+            # Under autocast, cast straight to the matmul dtype (what autocast would do after the cast to
+            # the adapter's dtype; the same bits), so lean activations can rebuild the copy.
+            x = x.to(lora_A.dtype) if lowered is None else cast_for_autocast(x, lowered)
+        else:
+            x = dropout(x.to(lora_A.dtype))
         hidden = F.linear(x, lora_A)  # (..., r)
         if result.dtype != lora_A.dtype or hidden.dtype != result.dtype:
             # A bf16/fp16/4-bit base next to fp32 adapters, or autocast having lowered `hidden` while the
@@ -382,7 +386,8 @@ class LoraLinear(AdapterLayer):
             # Dropout changes x, so the base term is recomputed on the dropped-out input (as PEFT).
             x = dropout(x)
             base_no_bias = F.linear(x, weight)
-        hidden = F.linear(x, lora_A)  # (..., r)
+        lowered = autocast_dtype(x.device.type) if lora_A.dtype != torch.float64 else None
+        hidden = F.linear(x if lowered is None else cast_for_autocast(x, lowered), lora_A)  # (..., r)
         lora_out = F.linear(hidden, lora_B)
         mark_recomputable(lora_out, F.linear, hidden, lora_B)  # (..., out) rebuilt from (..., r)
         magnitude = self.lora_magnitude_vector[name].weight

@@ -22,12 +22,14 @@ since forward, as autograd does for the tensors it saves.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -51,27 +53,44 @@ _ACTIVATION_NAMES = {
 
 @dataclass
 class _Recipe:
-    """How to rebuild one tensor: ``fn(*inputs)`` under the autocast state of the forward that made it."""
+    """How to rebuild one tensor: ``fn(*inputs)`` under the autocast state of the forward that made it.
+
+    An input is a tensor, or (once packed) the `_Packed` recipe of an input that has one itself, so a
+    chain (a norm output cast to bf16 for a matmul) keeps only the chain's first inputs alive.
+    """
 
     fn: Callable[..., torch.Tensor]
-    inputs: tuple[torch.Tensor, ...]
-    input_versions: tuple[int, ...]
+    inputs: tuple[torch.Tensor | _Packed, ...]
+    input_versions: tuple[int | None, ...]
     output_version: int
     device_type: str
     autocast: bool
     autocast_dtype: torch.dtype
 
     def rebuild(self) -> torch.Tensor:
-        if tuple(t._version for t in self.inputs) != self.input_versions:
+        versions = tuple(t._version if isinstance(t, torch.Tensor) else None for t in self.inputs)
+        if versions != self.input_versions:
             raise RuntimeError(
                 "lorakit lean activations: an input of a recomputed activation was modified in place "
                 "between forward and backward; disable lean activations for this model"
             )
+        inputs = tuple(_unpack(t) for t in self.inputs)
         with (
             torch.no_grad(),
             torch.autocast(self.device_type, dtype=self.autocast_dtype, enabled=self.autocast),
         ):
-            return self.fn(*self.inputs)
+            return self.fn(*inputs)
+
+    def packed_inputs(self) -> _Recipe:
+        """This recipe with every input that has a recipe of its own replaced by that (packed) recipe."""
+        inputs = tuple(t if isinstance(t, _Packed) else _pack(t) for t in self.inputs)
+        if all(new is old for new, old in zip(inputs, self.inputs, strict=True)):
+            return self
+        versions = tuple(
+            None if isinstance(new, _Packed) else version
+            for new, version in zip(inputs, self.input_versions, strict=True)
+        )
+        return dataclasses.replace(self, inputs=inputs, input_versions=versions)
 
 
 @dataclass
@@ -89,15 +108,20 @@ def mark_recomputable(output: torch.Tensor, fn: Callable[..., torch.Tensor], *in
     """Let lean activations keep ``fn(*inputs)`` instead of ``output`` if autograd saves ``output``.
 
     ``fn`` must give ``output`` exactly from ``inputs`` under the current autocast state, and should cost
-    little next to keeping ``output``: the inputs are tensors that backward keeps anyway. Outside a
-    `LeanActivations` context the mark has no effect.
+    little next to keeping ``output``: the inputs should be tensors that backward keeps anyway, or that
+    can be rebuilt themselves. Outside a `LeanActivations` context the mark has no effect.
     """
-    if not torch.is_grad_enabled():  # nothing will be saved for backward
-        return
+    if torch.is_grad_enabled():  # otherwise nothing will be saved for backward
+        _attach_recipe(output, fn, inputs)
+
+
+def _attach_recipe(
+    output: torch.Tensor, fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]
+) -> None:
     device_type = output.device.type
     recipe = _Recipe(
         fn,
-        tuple(inputs),
+        inputs,
         tuple(t._version for t in inputs),
         output._version,
         device_type,
@@ -107,13 +131,45 @@ def mark_recomputable(output: torch.Tensor, fn: Callable[..., torch.Tensor], *in
     setattr(output, _RECIPE, recipe)
 
 
+def _has_recipe(tensor: torch.Tensor) -> bool:
+    base = tensor if tensor._base is None else tensor._base
+    return getattr(base, _RECIPE, None) is not None
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast lowers matmul inputs to on ``device_type``, or None when autocast is off."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def cast_for_autocast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` cast to ``dtype`` as autocast casts a matmul input (fp64 and integers stay as they are).
+
+    Made explicitly before the matmul, the cast is the same bits autocast would make inside it, but it
+    can be marked recomputable: a parameter's copy, or a copy of a tensor that is itself rebuilt (a norm
+    output), is then rebuilt in backward instead of kept. Under bf16 autocast every frozen linear layer
+    otherwise keeps a bf16 copy of its weight, and every adapted one a bf16 copy of its input.
+    """
+    if tensor.dtype == dtype or tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return tensor
+    cast = tensor.to(dtype)
+    if isinstance(tensor, nn.Parameter) or _has_recipe(tensor):
+        mark_recomputable(cast, functools.partial(_to_dtype, dtype=dtype), tensor)
+    return cast
+
+
+def _to_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(dtype)
+
+
 def _pack(tensor: torch.Tensor) -> torch.Tensor | _Packed:
     base = tensor if tensor._base is None else tensor._base
     recipe: _Recipe | None = getattr(base, _RECIPE, None)
     if recipe is None or base._version != recipe.output_version:
         return tensor
     return _Packed(
-        recipe,
+        recipe.packed_inputs(),
         tensor.size(),
         tensor.stride(),
         tensor.storage_offset(),
@@ -131,6 +187,15 @@ def _unpack(saved: torch.Tensor | _Packed) -> torch.Tensor:
     return base.as_strided(saved.size, saved.stride, saved.offset - offset + base.storage_offset())
 
 
+def _linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``nn.Linear.forward`` with autocast's casts made explicitly (`cast_for_autocast`): the same bits."""
+    dtype = autocast_dtype(x.device.type)
+    if dtype is None:
+        return F.linear(x, module.weight, module.bias)
+    bias = None if module.bias is None else cast_for_autocast(module.bias, dtype)
+    return F.linear(cast_for_autocast(x, dtype), cast_for_autocast(module.weight, dtype), bias)
+
+
 def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, nn.LayerNorm | nn.RMSNorm) or type(module).__name__.endswith(
         ("RMSNorm", "LayerNorm")
@@ -146,7 +211,12 @@ def _forward_without_hooks(module: nn.Module) -> Callable[..., torch.Tensor]:
 
 
 def _tag_output(module: nn.Module, args: tuple, output: object) -> None:
-    if len(args) == 1 and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+    if (
+        len(args) == 1
+        and isinstance(args[0], torch.Tensor)
+        and isinstance(output, torch.Tensor)
+        and getattr(output, _RECIPE, None) is None  # a cheaper recipe came with it (`_RMSNorm`)
+    ):
         mark_recomputable(output, _forward_without_hooks(module), *args)
 
 
@@ -160,7 +230,10 @@ class _RMSNorm(torch.autograd.Function):
         x32 = x.to(torch.float32)
         rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (x32 * rstd).to(x.dtype)
+        output = weight * (x32 * rstd).to(x.dtype)
+        # Rebuilt from the reciprocal norms this function keeps anyway: two elementwise passes, not five.
+        _attach_recipe(output, _scale_rows, (x, rstd, weight))
+        return output
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
@@ -192,6 +265,10 @@ class _RMSNorm(torch.autograd.Function):
                 return torch.equal(type(module).forward(module, probe), _RMSNorm.apply(probe, weight, eps))
         except Exception:  # a forward that takes more arguments is not this formula
             return False
+
+
+def _scale_rows(x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return weight * (x.to(torch.float32) * rstd).to(x.dtype)
 
 
 def _rms_norm_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -255,6 +332,7 @@ class LeanActivations:
         self.elementwise = [m for m in model.modules() if _is_norm(m) or _is_activation(m)]
         self.gated = [_GatedMLP(m) for m in model.modules() if _GatedMLP.candidate(m)]
         self.rms_norms = [m for m in self.elementwise if _RMSNorm.matches(m)]
+        self.linears = [m for m in model.modules() if type(m) is nn.Linear]
         self._handles: list[RemovableHandle] = []
         self._saved_hooks: contextlib.AbstractContextManager | None = None
 
@@ -268,6 +346,8 @@ class LeanActivations:
             self._handles.extend(mlp.hooks())
         for norm in self.rms_norms:  # an instance attribute shadows the class's forward until __exit__
             norm.forward = functools.partial(_rms_norm_forward, norm)
+        for linear in self.linears:
+            linear.forward = functools.partial(_linear_forward, linear)
         self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
         self._saved_hooks.__enter__()
         return self
@@ -281,8 +361,8 @@ class LeanActivations:
         self._handles.clear()
         for mlp in self.gated:
             mlp.gate = mlp.up = None
-        for norm in self.rms_norms:
-            norm.__dict__.pop("forward", None)
+        for module in (*self.rms_norms, *self.linears):
+            module.__dict__.pop("forward", None)
 
 
 @contextlib.contextmanager
