@@ -7,7 +7,8 @@ Autograd keeps, for every layer of a transformer, tensors that are cheap functio
 - an activation's output ``s = act(g)``, kept by the product of a gated MLP, while the activation keeps
   ``g``;
 - a gated MLP's product ``p = act(g) * u``, kept as the input of ``down_proj`` (when it is adapted or
-  trained), while ``g`` and ``u`` are kept anyway.
+  trained), while ``g`` and ``u`` are kept anyway;
+- under autocast, the bf16 copies that matmuls keep of fp32 weights and inputs (`cast_for_autocast`).
 
 `LeanActivations` tags such outputs with a recipe (the module and its inputs) as they are made, and a
 ``saved_tensors_hooks`` pair stores the recipe instead of the tensor when autograd saves it; backward
@@ -24,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +67,9 @@ class _Recipe:
     device_type: str
     autocast: bool
     autocast_dtype: torch.dtype
+    # The rebuilt tensor, shared by the backward nodes that saved this recipe (q, k and v all keep the
+    # same norm output): it lives as long as one of them does, i.e. within one block's backward.
+    rebuilt: torch.Tensor | None = dataclasses.field(default=None, repr=False)
 
     def rebuild(self) -> torch.Tensor:
         versions = tuple(t._version if isinstance(t, torch.Tensor) else None for t in self.inputs)
@@ -74,12 +78,14 @@ class _Recipe:
                 "lorakit lean activations: an input of a recomputed activation was modified in place "
                 "between forward and backward; disable lean activations for this model"
             )
-        inputs = tuple(_unpack(t) for t in self.inputs)
-        with (
-            torch.no_grad(),
-            torch.autocast(self.device_type, dtype=self.autocast_dtype, enabled=self.autocast),
-        ):
-            return self.fn(*inputs)
+        if self.rebuilt is None:
+            inputs = tuple(_unpack(t) for t in self.inputs)
+            with (
+                torch.no_grad(),
+                torch.autocast(self.device_type, dtype=self.autocast_dtype, enabled=self.autocast),
+            ):
+                self.rebuilt = self.fn(*inputs)
+        return self.rebuilt
 
     def packed_inputs(self) -> _Recipe:
         """This recipe with every input that has a recipe of its own replaced by that (packed) recipe."""
@@ -363,13 +369,3 @@ class LeanActivations:
             mlp.gate = mlp.up = None
         for module in (*self.rms_norms, *self.linears):
             module.__dict__.pop("forward", None)
-
-
-@contextlib.contextmanager
-def lean_activations(model: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """`LeanActivations` as a one-off context (builds the module list on each entry)."""
-    if not enabled:
-        yield
-        return
-    with LeanActivations(model):
-        yield
