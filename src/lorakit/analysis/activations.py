@@ -6,8 +6,34 @@ tensor with ``torch.autograd.graph.saved_tensors_hooks`` on a LLaMA block). Nota
 h hidden size, i intermediate size, a query heads, g = kv_heads·head_dim, h_q = a·head_dim, s the
 sequence length, p the bytes of the compute dtype (2 for bf16/fp16, 4 for fp32).
 
+Two trainers are modelled. ``transformers``: a standard step, ``model(**batch, labels=...)`` with
+autograd's default saved tensors and the full logits. ``lorakit``: what ``lorakit train`` runs, the
+lean loss (``lorakit.train.loss``) and lean activations (``lorakit.recompute``; off under gradient
+checkpointing: a lorakit step under gradient checkpointing takes the first column but for the head):
+
+============== ============================================== ===========================================
+part           transformers (autograd's defaults)             lean activations (``lorakit.recompute``)
+============== ============================================== ===========================================
+2 × RMSNorm    x in fp32 (4h), 1/rms (4), and when the         x in the compute dtype (p·h) and 1/rms (4)
+               weight trains x/rms in the compute dtype (p·h)
+2 × LayerNorm  x (p·h), mean and rstd (8)                      the same
+norm outputs   p·h each, when a linear reading them saves      none: rebuilt from x and 1/rms in backward
+               its input (the shared role inputs below)
+attention      sdpa or eager (below)                           the same
+gated MLP      gate, up, act(gate) (3·p·i) + the product       gate and up (2·p·i): act(gate) and the
+               act(gate)·up (p·i) when down_proj saves it      product are rebuilt from them
+plain MLP      the activation's saves (p·i each)               the same; its output (down's input) rebuilt
+adapters       4r + fp32 input copies / dropout (below)        the same
+head           final norm + the full logits, b·s·V·(p + 12)    final norm + one chunk of logits (below)
+============== ============================================== ===========================================
+
 RMSNorm (LLaMA) computes in fp32: it saves x in fp32 (4h), 1/rms (4 bytes), and, when its weight
 trains, the normalised input in the compute dtype (p·h). LayerNorm saves x (p·h) and mean/rstd (8).
+Lean activations replace a LLaMA RMSNorm by a function that keeps only x and 1/rms, and keep every norm
+output, activation output and gated product as a recipe (the tensors it is rebuilt from are kept
+anyway). Every block is counted alike: in the first one the norm's input is a frozen embedding's output,
+which the recipe keeps (p·h), except with a bf16/fp16 base, whose adapters save fp32 copies instead of
+the norm output (p·h + 4 counted too many in that block).
 
 A linear layer saves its input only when something needs it: a trainable weight (full fine-tuning)
 or an adapter's A (LoRA). Inputs are shared by role: q/k/v read one tensor (the first norm's
@@ -24,12 +50,27 @@ MLP: gated (SwiGLU): gate and up outputs and the activation (3·p·i), plus the 
 down_proj saves its input. Plain (GELU): the first projection's output, saved by the activation.
 
 Adapters (lorakit and PEFT keep A and B in fp32): with a bf16/fp16 base each adapted module casts its
-input to fp32 and A saves that copy (4·in per module, not shared); with dropout A saves the dropped
-copy (4·in) and dropout its mask. Every adapted module also saves A's output (4·r).
+input to fp32 and A saves that copy (4·in per module, not shared, and not rebuilt by lean activations);
+with dropout A saves the dropped copy (4·in) and dropout its mask. Every adapted module also saves A's
+output (4·r). (DoRA is not modelled; lean activations would also drop its unscaled B·A·x.)
 
-The head: the final norm, and the logits: b·s·V in the compute dtype (kept by the model output),
-the fp32 log-softmax saved by the cross-entropy, and at the start of backward its gradient and the
-logits' fp32 gradient: b·s·V·(p + 12) bytes.
+The head, ``transformers``: the final norm, and the logits: b·s·V in the compute dtype (kept by the
+model output), the fp32 log-softmax saved by the cross-entropy, and at the start of backward its
+gradient and the logits' fp32 gradient: b·s·V·(p + 12) bytes.
+
+The head, ``lorakit`` (``lorakit.train.fused_loss``): the full logits never exist. Of the b·s hidden
+states only the n = b·(s − 1) label rows go through the head, c = min(chunk_size, n) rows at a time,
+with the cross-entropy's gradients computed during forward. Kept for backward: the final norm's saves,
+the rows' gradient (n·p·h), the boolean label mask (1 byte per position, saved by the indexing) and,
+when the head trains, its fp32 weight-gradient accumulator (4·V·h; in fp32 it is the head's gradient
+itself, counted under gradients, so only counted when p ≠ 4). Alive only during the loss's forward:
+the final hidden states and the label rows gathered from them ((b·s + n)·p·h) and one chunk of logits
+(c·V·p; when p ≠ 4 also the larger of their fp32 upcast, 4·c·V, and, when the head trains, the
+half-precision weight-gradient product p·V·h). Those temporaries never coexist with a block that
+gradient checkpointing recomputes or a dequantised 4-bit weight: only the larger group counts. A head
+that is not a plain linear layer (a LoRA on ``lm_head``) runs each chunk under activation
+checkpointing instead: the rows are kept and one chunk's logits path, c·V·(p + 12), comes back in
+backward.
 
 Gradient checkpointing keeps only each block's input (p·h per layer) and recomputes one block at a
 time during backward, so one block's activations come back on top.
@@ -43,6 +84,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 Attention = Literal["sdpa", "eager"]
+Trainer = Literal["lorakit", "transformers"]
 Role = Literal["qkv", "attn_out", "mlp_in", "mlp_mid"]
 
 # Ordered: the attention output projection must be tried before the MLP output ("output.dense").
@@ -106,12 +148,15 @@ def block_activation_bytes(
     lora_dropout: float = 0.0,
     attention: Attention = "sdpa",
     mask_bytes: int = 1,
+    lean: bool = False,
 ) -> dict[str, int]:
     """Bytes one block saves for backward, by part (norms, attention, scores, mlp, adapters, dropout).
 
     ``full``: every weight trains (every linear saves its input, norm weights train). Otherwise
     ``adapted`` lists the block's adapted linear layers (rank ``r``, dropout ``lora_dropout``).
-    ``mask_bytes`` is the size of a dropout mask element (1: CUDA's bool mask).
+    ``mask_bytes`` is the size of a dropout mask element (1: CUDA's bool mask). ``lean``: under
+    ``lorakit.recompute.LeanActivations`` (norm outputs, activation outputs and gated products rebuilt,
+    RMSNorm keeping x in the compute dtype and 1/rms only; see the module docstring).
     """
     p = dtype_bytes
     tokens = batch_size * seq_len
@@ -132,8 +177,11 @@ def block_activation_bytes(
         else:
             adapter_bytes += 4 * linear.in_features
 
-    norm = 4 * h + 4 + (p * h if full else 0) if shape.rms_norm else p * h + 8
-    norms = 2 * norm + p * h * (("qkv" in shared) + ("mlp_in" in shared))
+    if lean:  # the norm outputs (the shared qkv / mlp_in inputs) are rebuilt from x and 1/rms
+        norms = 2 * (p * h + 4 if shape.rms_norm else p * h + 8)
+    else:
+        norm = 4 * h + 4 + (p * h if full else 0) if shape.rms_norm else p * h + 8
+        norms = 2 * norm + p * h * (("qkv" in shared) + ("mlp_in" in shared))
 
     if attention == "sdpa":
         attention_bytes = p * (2 * h_q + 2 * g) + 4 * a
@@ -146,8 +194,11 @@ def block_activation_bytes(
     else:
         raise ValueError(f"attention must be 'sdpa' or 'eager', got {attention!r}")
 
-    saves = 3 if shape.gated_mlp else shape.activation_saves
-    mlp = p * i * saves + (p * i if "mlp_mid" in shared else 0)
+    if lean:  # act(gate) and the product entering down_proj are rebuilt from gate and up
+        mlp = p * i * (2 if shape.gated_mlp else shape.activation_saves)
+    else:
+        saves = 3 if shape.gated_mlp else shape.activation_saves
+        mlp = p * i * saves + (p * i if "mlp_mid" in shared else 0)
     dropout = 2 * mask_bytes * h if shape.hidden_dropout > 0 else 0
 
     parts = {
@@ -164,7 +215,7 @@ def block_activation_bytes(
 def head_activation_bytes(
     shape: BlockShape, batch_size: int, seq_len: int, dtype_bytes: int, head_trains: bool, full: bool
 ) -> dict[str, int]:
-    """The final norm and the logits path (see the module docstring), in bytes."""
+    """The final norm and the full logits of a standard transformers step (module docstring), in bytes."""
     p = dtype_bytes
     tokens = batch_size * seq_len
     h = shape.hidden_size
@@ -174,3 +225,57 @@ def head_activation_bytes(
         "final_norm": norm * tokens,
         "logits": shape.vocab_size * (p + 12) * tokens,
     }
+
+
+# The parts of `lean_head_activation_bytes` alive only during the loss's forward: they never coexist with
+# what lives only inside the blocks (a recomputed block, a dequantised 4-bit weight).
+LOSS_TEMPORARIES = ("final_hidden_states", "logits_chunk")
+
+
+def lean_head_activation_bytes(
+    shape: BlockShape,
+    batch_size: int,
+    seq_len: int,
+    dtype_bytes: int,
+    head_trains: bool,
+    full: bool,
+    chunk_size: int = 512,
+    lean: bool = True,
+    fused: bool = True,
+) -> dict[str, int]:
+    """The final norm and lorakit's chunked loss (``lorakit.train.loss``; module docstring), in bytes.
+
+    Every position but the last of each sequence is taken as a label: n = batch·(seq − 1) rows.
+    ``lean``: lean activations are on (the final RMSNorm keeps x in the compute dtype and 1/rms).
+    ``fused``: the head is a plain linear layer (the fused loss); otherwise each chunk runs under
+    activation checkpointing (a LoRA on ``lm_head``).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    p = dtype_bytes
+    tokens = batch_size * seq_len
+    rows = batch_size * (seq_len - 1)
+    chunk = min(chunk_size, rows)
+    h, vocab = shape.hidden_size, shape.vocab_size
+    if lean:
+        norm = p * h + 4 if shape.rms_norm else p * h + 8
+    else:
+        norm = (4 * h + 4 + (p * h if full else 0)) if shape.rms_norm else p * h + 8
+    parts = {
+        "final_norm": norm * tokens,
+        # kept for backward: the label rows' gradient (fused; the rows themselves under checkpointing) and
+        # the (batch, seq − 1) boolean label mask, which the indexing that gathers the rows saves
+        "label_rows": p * h * rows + batch_size * (seq_len - 1),
+        # the loss's forward temporaries (LOSS_TEMPORARIES): the final hidden states and the label rows
+        # gathered from them, and one chunk of logits
+        "final_hidden_states": p * h * (tokens + rows),
+    }
+    if fused:
+        # the chunk's logits, and in half precision the larger of their fp32 upcast and, when the head
+        # trains, the half-precision product grad_logitsᵀ·rows (vocab, h) added into the fp32 accumulator
+        half = 0 if p == 4 else max(4 * chunk * vocab, p * vocab * h if head_trains else 0)
+        parts["logits_chunk"] = p * chunk * vocab + half
+        parts["head_gradient_accumulator"] = 4 * vocab * h if head_trains and p != 4 else 0
+    else:
+        parts["logits_chunk"] = chunk * vocab * (p + 12)
+    return parts

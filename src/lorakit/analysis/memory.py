@@ -13,8 +13,14 @@ optimizer    per trainable tensor: AdamW 8 bytes/param (two fp32 moments; 2·p w
              as torch keeps them for bf16 parameters); 8-bit AdamW 2 bytes/param
              + an fp32 absmax per 256-block per moment (tensors < 4096 elements stay fp32); SGD 0
 quantisation –                           –                     NF4 constants (below)
-activations  ``lorakit.analysis.activations``: per-block inventory × layers + the logits
+activations  ``lorakit.analysis.activations``: per-block inventory × layers + the head/loss term
 ============ =========================== ===================== =============================
+
+``TrainingSetup.trainer`` picks whose step the activations describe: ``"lorakit"`` (the default, what
+``lorakit train`` runs: the chunked fused loss of ``lorakit.train.loss``, never the full logits, and the
+lean activations of ``lorakit.recompute``, which the trainer turns off under gradient checkpointing) or
+``"transformers"`` (a standard ``model(**batch, labels=...)`` step: autograd's default saved tensors and
+the full (batch, seq, vocab) logits). Weights, gradients and optimizer state do not depend on it.
 
 N_q are the weights of the linear layers bitsandbytes quantises (all but the heads), N_rest the
 rest (embeddings, norms, heads, biases). Adapters are counted in fp32 because lorakit and PEFT keep
@@ -38,11 +44,14 @@ from typing import Any, Literal
 from torch import nn
 
 from lorakit.analysis.activations import (
+    LOSS_TEMPORARIES,
     AdaptedLinear,
     Attention,
     BlockShape,
+    Trainer,
     block_activation_bytes,
     head_activation_bytes,
+    lean_head_activation_bytes,
 )
 from lorakit.matching import name_matches
 from lorakit.models.quantize import UNQUANTIZED_HEADS
@@ -80,8 +89,16 @@ class TrainingSetup:
     # torch AdamW's implementation decides its temporaries during the step (see optimizer_workspace_bytes)
     optimizer_impl: OptimizerImpl = "fused"
     double_quant: bool = True
+    # whose training step the activations describe: lorakit's trainer (lean loss + lean activations, the
+    # latter off under gradient checkpointing) or a standard transformers step (full logits)
+    trainer: Trainer = "lorakit"
+    loss_chunk_size: int = 512  # label rows per chunk of lorakit's loss (TrainConfig.loss_chunk_size)
 
     def __post_init__(self) -> None:
+        if self.trainer not in ("lorakit", "transformers"):
+            raise ValueError(f"trainer must be lorakit or transformers, got {self.trainer!r}")
+        if self.loss_chunk_size < 1:
+            raise ValueError(f"loss_chunk_size must be >= 1, got {self.loss_chunk_size}")
         if self.method not in ("full", "lora", "qlora"):
             raise ValueError(f"method must be full, lora or qlora, got {self.method!r}")
         if self.optimizer not in ("adamw", "adamw8bit", "sgd"):
@@ -194,6 +211,7 @@ def _linears(model: nn.Module) -> dict[str, tuple[int, int]]:
 
 def block_shape(config: Any, model: nn.Module) -> BlockShape:
     """The block sizes of a transformers config; the meta ``model`` tells gated MLPs and RMSNorm apart."""
+
     def first(*names: str, default: Any = None) -> Any:
         for name in names:
             value = getattr(config, name, None)
@@ -287,6 +305,9 @@ def estimate_memory(config: Any, setup: TrainingSetup | None = None) -> MemoryEs
         trainable_sizes, setup.optimizer, setup.optimizer_impl, moment_bytes
     )
 
+    lorakit_trainer = setup.trainer == "lorakit"
+    # lorakit's trainer turns lean activations off under gradient checkpointing (see lorakit.train.loop)
+    lean = lorakit_trainer and not setup.gradient_checkpointing
     per_layer: dict[int, list[AdaptedLinear]] = {}
     for linear in adapted:
         index = _layer_of(linear.name)
@@ -303,6 +324,7 @@ def estimate_memory(config: Any, setup: TrainingSetup | None = None) -> MemoryEs
             setup.r,
             setup.lora_dropout,
             setup.attention,
+            lean=lean,
         )
         for index in range(shape.num_layers)
     ]
@@ -317,12 +339,42 @@ def estimate_memory(config: Any, setup: TrainingSetup | None = None) -> MemoryEs
         for block in blocks:
             for key, value in block.items():
                 parts[key] = parts.get(key, 0) + value
-    parts.update(head_activation_bytes(shape, setup.batch_size, setup.seq_len, p, head_trains, full))
+    if lorakit_trainer:
+        # the fused loss needs a plain linear head; an adapted one runs chunks under checkpointing
+        head_adapted = not full and any(a.name in head_names for a in adapted)
+        parts.update(
+            lean_head_activation_bytes(
+                shape,
+                setup.batch_size,
+                setup.seq_len,
+                p,
+                head_trains,
+                full,
+                setup.loss_chunk_size,
+                lean=lean,
+                fused=not head_adapted,
+            )
+        )
+    else:
+        parts.update(head_activation_bytes(shape, setup.batch_size, setup.seq_len, p, head_trains, full))
     if setup.attention == "eager":
         parts["causal_mask"] = setup.batch_size * setup.seq_len**2 * p
     if setup.method == "qlora" and quantized:
         largest = max(i * o for n, (i, o) in linears.items() if not name_matches(n, UNQUANTIZED_HEADS))
         parts["dequantized_weight"] = p * largest  # one layer's weight, dequantised for its matmul
+    if lorakit_trainer:
+        # The loss's forward temporaries are freed before backward recomputes a block, and no 4-bit weight
+        # is dequantised while the loss runs: only the larger of the two groups is counted.
+        loss_group = {key: parts[key] for key in LOSS_TEMPORARIES if key in parts}
+        block_group = {key: parts[key] for key in ("recomputed_block", "dequantized_weight") if key in parts}
+        if block_group:
+            larger, smaller = sorted((loss_group, block_group), key=lambda g: sum(g.values()), reverse=True)
+            for key in smaller:
+                del parts[key]
+            notes.append(
+                f"{' + '.join(smaller)} ({sum(smaller.values()) / 1e9:.3f} GB) not counted: "
+                f"never alive at the same time as {' + '.join(larger)}, which is larger"
+            )
     parts = {key: value for key, value in parts.items() if value}
 
     return MemoryEstimate(
