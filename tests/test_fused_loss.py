@@ -9,21 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_train_support import _one_thread  # noqa: F401
 from torch import nn
 
 import lorakit.train.loss as loss_module
 from lorakit.analysis.measure import LiveTensorTracker
 from lorakit.train.fused_loss import linear_cross_entropy_sum
 from lorakit.train.loss import chunked_head_cross_entropy
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matmuls: intra-op threads would only spin against the other processes on the machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _oracle(hidden, weight, bias, targets):

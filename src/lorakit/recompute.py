@@ -342,9 +342,6 @@ class LeanActivations:
         self._handles: list[RemovableHandle] = []
         self._saved_hooks: contextlib.AbstractContextManager | None = None
 
-    def __bool__(self) -> bool:
-        return bool(self.elementwise or self.gated)
-
     def __enter__(self) -> LeanActivations:
         for module in self.elementwise:
             self._handles.append(module.register_forward_hook(_tag_output))
