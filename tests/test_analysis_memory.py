@@ -6,6 +6,7 @@ import argparse
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -164,6 +165,15 @@ def _saved_bytes_of_block(
     return sum(saved.values())
 
 
+def _small_llama(dtype: torch.dtype, **config: Any) -> torch.nn.Module:
+    """A seeded random LLaMA (hidden 64, intermediate 160, 4 heads, 2 kv heads) in train mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    sizes = {"hidden_size": 64, "intermediate_size": 160, "num_attention_heads": 4, "num_key_value_heads": 2}
+    return LlamaForCausalLM(LlamaConfig(**sizes, **config)).to(dtype).train()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("method", ["full", "lora"])
@@ -171,19 +181,8 @@ def _saved_bytes_of_block(
 def test_block_inventory_is_exact(dtype: torch.dtype, attention: str, method: str, trainer: str) -> None:
     """The per-block formula equals what autograd saves in a real LLaMA block, byte for byte: in a standard
     transformers step, and in lorakit's (lean loss, `LeanActivations`) with ``lean=True``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=160,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_hidden_layers=2,
-        vocab_size=97,
-        attn_implementation=attention,
-    )
-    model = LlamaForCausalLM(config).to(dtype).train()
+    model = _small_llama(dtype, num_hidden_layers=2, vocab_size=97, attn_implementation=attention)
+    config = model.config
     adapted: list[AdaptedLinear] = []
     if method == "lora":
         model.requires_grad_(False)
@@ -222,19 +221,8 @@ def test_block_inventory_is_exact(dtype: torch.dtype, attention: str, method: st
 def test_lean_head_term_matches_the_loss(dtype: torch.dtype, head_trains: bool) -> None:
     """lorakit's loss on a LLaMA without blocks (embedding → final norm → chunked fused loss): what it keeps
     for backward equals the kept parts byte for byte, and its peak the kept parts plus the temporaries."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=160,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_hidden_layers=0,
-        vocab_size=4099,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config).to(dtype).train()
+    model = _small_llama(dtype, num_hidden_layers=0, vocab_size=4099, tie_word_embeddings=False)
+    config = model.config
     model.lm_head.requires_grad_(head_trains)
     batch, seq, chunk = 2, 32, 16  # 62 label rows: four chunks
     ids = torch.randint(0, 4099, (batch, seq), generator=torch.Generator().manual_seed(1))
