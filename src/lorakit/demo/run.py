@@ -1,9 +1,9 @@
 """`lorakit demo`: teach SmolLM2-135M-Instruct a skill it lacks, and measure the gain on held-out examples.
 
-The task (`lorakit.demo_task`) is rewriting an English date as ISO 8601. The run loads the model once,
+The task (`lorakit.demo.task`) is rewriting an English date as ISO 8601. The run loads the model once,
 scores the base model's greedy answers on the held-out prompts, injects a LoRA adapter, trains it with
 the lorakit trainer on the generated training conversations, and scores the same held-out prompts again.
-The held-out dates never appear in training (`demo_task.make_split` checks it).
+The held-out dates never appear in training (`task.make_split` checks it).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from lorakit.config import LoraConfig
-from lorakit.demo_task import exact_match_rate, make_split
+from lorakit.demo.task import exact_match_rate, make_split
 from lorakit.model import inject
 from lorakit.train.progress import TrainCallback
 
