@@ -20,7 +20,7 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
 import lorakit
-from lorakit import io
+from lorakit import adapter_files, atomic, io
 from lorakit.layers import AdapterLayer
 
 IDS = token_ids()
@@ -369,7 +369,7 @@ def test_crash_while_replacing_keeps_previous_adapter(
     def crash(*args: Any, **kwargs: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(io.os, "replace", crash)
+    monkeypatch.setattr(atomic, "_swap_into_place", crash)
     with pytest.raises(KeyboardInterrupt):
         io.save_adapter(model, tmp_path)
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
@@ -527,7 +527,7 @@ def test_failure_while_copying_takes_the_adapter_out_again(
     def fail(*args: Any, **kwargs: Any) -> None:
         raise MemoryError("simulated")
 
-    monkeypatch.setattr(io, "_copy_into", fail)
+    monkeypatch.setattr(adapter_files, "copy_into", fail)
     with pytest.raises(MemoryError):
         io.load_adapter(target, tmp_path)
     assert_unchanged(target, before)

@@ -11,6 +11,7 @@ from torch import nn
 import lorakit
 from lorakit import LoraConfig
 from lorakit.layers import LoraEmbedding, LoraLinear
+from lorakit.routing import route_of
 
 PREFIX = "base_model.model."
 
@@ -62,7 +63,7 @@ def test_every_row_equals_its_single_adapter_run():
         torch.testing.assert_close(mixed[i : i + 1], expected, rtol=0, atol=1e-5, msg=f"row {i} ({name})")
     # the rows really differ from each other, so the comparison above can tell adapters apart
     assert not torch.allclose(outputs[0], _alone(model, "b", ids[:1]), atol=1e-3)
-    assert all(not layer.row_plan for layer in model.modules() if isinstance(layer, LoraLinear))
+    assert all(not route_of(layer) for layer in model.modules() if isinstance(layer, LoraLinear))
 
 
 def test_modules_to_save_heads_per_row():
@@ -183,13 +184,13 @@ def test_stacks_are_reused_until_a_weight_changes():
     layer = model.model.layers[0].self_attn.q_proj
     with torch.no_grad():
         with lorakit.adapter_per_row(model, names):
-            first_stack = layer.row_plan.lora_B
+            first_stack = route_of(layer).lora_B
         with lorakit.adapter_per_row(model, names):
-            assert layer.row_plan.lora_B is first_stack  # nothing changed: the stacks are reused
+            assert route_of(layer).lora_B is first_stack  # nothing changed: the stacks are reused
         # an in-place update, as an optimizer step makes it
         layer.lora_B["b"].weight.mul_(3.0)
         with lorakit.adapter_per_row(model, names):
-            assert layer.row_plan.lora_B is not first_stack
+            assert route_of(layer).lora_B is not first_stack
             mixed = model(ids).logits
     torch.testing.assert_close(mixed[1:2], _alone(model, "b", ids[1:2]), rtol=0, atol=1e-5)
     # a new tensor in place of the old one
@@ -204,5 +205,5 @@ def test_blocks_do_not_nest_and_state_is_cleared_on_exit():
     with lorakit.adapter_per_row(model, ["a"]):
         with pytest.raises(RuntimeError, match="nest"), lorakit.adapter_per_row(model, ["b"]):
             pass
-        assert all(layer.row_plan is not None for layer in model.modules() if isinstance(layer, LoraLinear))
-    assert all(layer.row_plan is None for layer in model.modules() if isinstance(layer, LoraLinear))
+        assert all(route_of(layer) is not None for layer in model.modules() if isinstance(layer, LoraLinear))
+    assert all(route_of(layer) is None for layer in model.modules() if isinstance(layer, LoraLinear))

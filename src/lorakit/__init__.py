@@ -1,8 +1,8 @@
 """lorakit: LoRA, rsLoRA and DoRA for PyTorch models, in place, with PEFT-exact adapter files."""
 
+from lorakit.adapter_files import load_adapter, save_adapter
 from lorakit.combine import combine_adapters
 from lorakit.config import LoraConfig
-from lorakit.io import load_adapter, save_adapter
 from lorakit.mixed import adapter_per_row
 from lorakit.model import (
     active_adapters,

@@ -3,13 +3,50 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 InitLoraWeights = bool | Literal["gaussian", "pissa", "olora"]
 _INIT_STRINGS = ("gaussian", "pissa", "olora")
 _BIAS_VALUES = ("none", "all", "lora_only")
+# Fields of peft.LoraConfig that lorakit does not have, at PEFT 0.21.2's defaults (written as they are).
+PEFT_ONLY_FIELDS: dict[str, Any] = {
+    "revision": None,
+    "megatron_config": None,
+    "megatron_core": "megatron.core",
+    "trainable_token_indices": None,
+    "loftq_config": {},
+    "eva_config": None,
+    "corda_config": None,
+    "lora_ga_config": None,
+    "velora_config": None,
+    "alora_invocation_tokens": None,
+    "use_qalora": False,
+    "qalora_group_size": 16,
+    "monteclora_config": None,
+    "layer_replication": None,
+    "lora_bias": False,
+    "target_parameters": None,
+    "use_bdlora": None,
+    "arrow_config": None,
+    "kasa_config": None,
+    "ensure_weight_tying": False,
+}
+# Keys PEFT writes about the file itself rather than the adapter.
+PEFT_BOOKKEEPING_FIELDS = ("peft_type", "auto_mapping", "peft_version", "inference_mode")
+# How close (difflib ratio) an unknown key must be to a field to be taken for a misspelling of it.
+_MISSPELLING_RATIO = 0.85
+
+
+def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
+    """The factor s in ``base(x) + s · B(A(x))``: ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` (rsLoRA).
+
+    The one place the rule is written; layers, file readers and converters all call it.
+    """
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
 @dataclass
@@ -99,10 +136,6 @@ class LoraConfig:
         if self.modules_to_save is not None:
             self.modules_to_save = list(self.modules_to_save)
 
-    def scaling_for(self, r: int, lora_alpha: float) -> float:
-        """The factor s in ``base(x) + s * B(A(x))``."""
-        return lora_alpha / math.sqrt(r) if self.use_rslora else lora_alpha / r
-
     def replace(self, **changes: Any) -> LoraConfig:
         """A validated copy with some fields changed."""
         return dataclasses.replace(self, **changes)
@@ -112,8 +145,27 @@ class LoraConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LoraConfig:
-        """Build from a dict such as PEFT's adapter_config.json; fields lorakit does not know are ignored."""
-        known = {f.name for f in dataclasses.fields(cls)}
+        """Build from a dict such as PEFT's adapter_config.json.
+
+        Keys lorakit does not know are ignored with a warning (newer PEFT versions add fields), except a
+        key that looks like a misspelt field, which is an error: ``lora_alpah`` silently meaning the
+        default alpha would train or load a different adapter. PEFT's own fields that lorakit lacks
+        (`PEFT_ONLY_FIELDS`) are dropped quietly.
+
+        Raises:
+            ValueError: a key within a small edit distance of a field ("did you mean lora_alpha?"), or an
+                invalid value.
+        """
+        known = [f.name for f in dataclasses.fields(cls)]
+        skip = {*PEFT_ONLY_FIELDS, *PEFT_BOOKKEEPING_FIELDS}
+        unknown = [key for key in values if key not in known and key not in skip]
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=_MISSPELLING_RATIO)
+            if close:
+                raise ValueError(f"unknown LoraConfig field {key!r}: did you mean {close[0]!r}?")
+        if unknown:
+            ignored = sorted(map(str, unknown))
+            warnings.warn(f"LoraConfig fields lorakit does not know were ignored: {ignored}", stacklevel=2)
         return cls(**{key: value for key, value in values.items() if key in known})
 
 

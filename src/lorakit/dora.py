@@ -54,5 +54,5 @@ def dora_delta(
     """
     factor = magnitude / norm
     # (m/n)·s first: the product then keeps `lora_out` itself for backward (not a scaled copy), which
-    # lean activations rebuild from the r-wide A·x instead of keeping (lorakit.recompute).
+    # lean activations rebuild from the r-wide A·x instead of keeping (lorakit.recipes marks it).
     return (factor - 1) * base_no_bias + (factor * scaling) * lora_out

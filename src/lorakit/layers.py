@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.config import lora_scaling
 from lorakit.dora import DoraMagnitude, dora_delta, row_norm
-from lorakit.recompute import autocast_dtype, cast_for_autocast, mark_recomputable
+from lorakit.recipes import autocast_dtype, cast_for_autocast, mark_recomputable
+from lorakit.routing import route_of
 
 ADAPTER_PARAMETER_PREFIXES = (
     "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
@@ -29,6 +33,23 @@ ADAPTER_PARAMETER_PREFIXES = (
 
 def is_4bit(module: nn.Module) -> bool:
     return type(module).__name__ == "Linear4bit"
+
+
+def dequantize_weight(module: nn.Module) -> torch.Tensor:
+    """The fp32 (out, in) weight of a bitsandbytes ``Linear4bit``, the module left exactly as it is.
+
+    bitsandbytes repacks an NF4 weight for its bf16 CPU kernel on the first eval-mode forward, and
+    ``dequantize_4bit`` reads only the canonical layout. The inverse conversion (private in bitsandbytes,
+    which calls it itself before saving) is run on a copy of the quantisation state, never written back:
+    writing it back would make bitsandbytes repack the weight again on the next forward.
+    """
+    import bitsandbytes.functional as bnbf
+
+    weight = module.weight
+    data, state = weight.data, weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, copy.copy(state))
+    return bnbf.dequantize_4bit(data, state).to(torch.float32)
 
 
 def check_supported(name: str, module: nn.Module, use_dora: bool, init: bool | str) -> None:
@@ -72,8 +93,9 @@ class AdapterLayer(nn.Module):
         # What unmerge needs beyond the adapter itself, per merged adapter (DoRA: the norm at merge time).
         self.merge_memos: dict[str, torch.Tensor] = {}
         self.disabled = False
-        # Set by `lorakit.adapter_per_row` for one forward pass at a time; see lorakit.mixed.
-        self.row_plan: Any = None
+        # A new wrapper takes the mode of the module it wraps: adapters added to a model in eval mode must
+        # not run dropout (two identical generate calls would differ).
+        self.train(base_layer.training)
 
     def __getattr__(self, name: str) -> Any:
         # Code written for the base module (`layer.weight`, `layer.in_features`) keeps working.
@@ -104,12 +126,20 @@ class AdapterLayer(nn.Module):
         check_supported(type(self.base_layer).__name__, self, use_dora, init_lora_weights)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
-        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.scaling[adapter_name] = lora_scaling(lora_alpha, r, use_rslora)
         try:
             self._new_adapter(adapter_name, r, lora_dropout, init_lora_weights, use_dora)
         except Exception:
             self.delete_adapter(adapter_name)
             raise
+        self._match_mode(adapter_name)
+
+    def _match_mode(self, adapter_name: str) -> None:
+        """The new adapter's modules (dropout above all) take this layer's train / eval mode."""
+        for prefix in (*ADAPTER_PARAMETER_PREFIXES, "lora_dropout"):
+            container = self._modules.get(prefix)
+            if isinstance(container, nn.ModuleDict) and adapter_name in container:
+                container[adapter_name].train(self.training)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.merged_adapters:
@@ -139,7 +169,7 @@ class AdapterLayer(nn.Module):
             RuntimeError: an adapter is already merged, the base is 4-bit, or ``safe_merge`` found a
                 non-finite merged weight. The layer is then unchanged.
         """
-        names = self._names_to_merge(adapter_names)
+        names = self.check_merge(adapter_names)
         weight, memos = self._merge_result(names)
         if safe_merge and not torch.isfinite(weight).all():
             raise RuntimeError(f"merging adapters {names} gives non-finite weights; the layer is unchanged")
@@ -147,7 +177,7 @@ class AdapterLayer(nn.Module):
         self.merged_adapters.extend(names)
         self.merge_memos.update(memos)
 
-    def _names_to_merge(self, adapter_names: list[str] | None) -> list[str]:
+    def check_merge(self, adapter_names: list[str] | None) -> list[str]:
         """The adapters `merge` would fold in, checked; raises before anything is written."""
         if adapter_names is None:
             adapter_names = [n for n in self.active_adapters if n in self.r]
@@ -162,6 +192,10 @@ class AdapterLayer(nn.Module):
             raise RuntimeError("cannot merge into a 4-bit base in place: use merge_and_unload(), which "
                                "dequantises the base and returns a full-precision model")
         return names
+
+    def merged_weight(self, names: list[str]) -> torch.Tensor:
+        """The base weight (out, in) with ``names`` merged in, nothing written (``check_merge`` first)."""
+        return self._merge_result(names)[0]
 
     def _merge_result(self, names: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The base weight with ``names`` merged in order (nothing written), and what unmerge will need."""
@@ -185,6 +219,26 @@ class AdapterLayer(nn.Module):
 
     def _unmerged_weight(self, name: str, weight: torch.Tensor, memo: torch.Tensor | None) -> torch.Tensor:
         return weight - self.delta_weight(name).to(weight.dtype)
+
+    def suspend_merge(self) -> Callable[[], None]:
+        """Unmerge for a while; the returned function puts the merged weights back bit for bit.
+
+        Re-merging would round a bf16 / fp16 base a second time on every use (`disable_adapters`); the
+        merged weight is copied aside instead, at the cost of one copy of this layer's weight.
+        """
+        if not self.merged_adapters:
+            return lambda: None
+        weight = self.base_layer.weight
+        saved = weight.data.clone()
+        merged, memos = list(self.merged_adapters), dict(self.merge_memos)
+        self.unmerge()
+
+        def restore() -> None:
+            weight.data.copy_(saved)
+            self.merged_adapters[:] = merged
+            self.merge_memos.update(memos)
+
+        return restore
 
     def merged_module(self) -> nn.Module:
         """The base module with the active, not yet merged adapters folded in (for merge_and_unload)."""
@@ -285,17 +339,9 @@ class LoraLinear(AdapterLayer):
 
     def _dense_weight(self) -> torch.Tensor:
         """The base weight as (out, in), dequantised if the base is 4-bit."""
-        weight = self.base_layer.weight
         if is_4bit(self.base_layer):
-            import bitsandbytes.functional as bnbf
-
-            if getattr(weight.quant_state, "packing_format_for_cpu", False):
-                # bitsandbytes repacks NF4 weights for its bf16 CPU kernel on the first eval-mode forward;
-                # dequantize_4bit reads the canonical layout, so undo the repacking first (as bitsandbytes
-                # itself does before saving).
-                weight.data, weight.quant_state = bnbf._convert_weight_packed_for_cpu_inverse(
-                    weight.data, weight.quant_state)
-            return bnbf.dequantize_4bit(weight.data, weight.quant_state).to(torch.float32)
+            return dequantize_weight(self.base_layer)
+        weight = self.base_layer.weight
         return weight.data.T if self.fan_in_fan_out else weight.data
 
     def _write_weight(self, weight: torch.Tensor) -> None:
@@ -321,10 +367,9 @@ class LoraLinear(AdapterLayer):
         return weight * (memo.to(weight.dtype) / magnitude)[:, None] - delta
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.row_plan is not None:
-            from lorakit.mixed import mixed_linear_forward
-
-            return mixed_linear_forward(self, x, *args, **kwargs)
+        route = route_of(self)
+        if route is not None:
+            return route.forward(self, x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled or not self.active_adapters:
             return result
@@ -441,10 +486,9 @@ class LoraEmbedding(AdapterLayer):
                            base.scale_grad_by_freq, base.sparse)
 
     def forward(self, ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.row_plan is not None:
-            from lorakit.mixed import mixed_embedding_forward
-
-            return mixed_embedding_forward(self, ids, *args, **kwargs)
+        route = route_of(self)
+        if route is not None:
+            return route.forward(self, ids, *args, **kwargs)
         result = self.base_layer(ids, *args, **kwargs)
         if self.disabled:
             return result
@@ -466,7 +510,7 @@ class ModulesToSave(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.disabled = False
-        self.row_plan: Any = None
+        self.train(original_module.training)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -482,7 +526,7 @@ class ModulesToSave(nn.Module):
 
     def add_adapter(self, adapter_name: str) -> None:
         copied = copy.deepcopy(self.original_module)
-        self.modules_to_save[adapter_name] = copied
+        self.modules_to_save[adapter_name] = copied.train(self.training)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.modules_to_save:
@@ -494,18 +538,24 @@ class ModulesToSave(nn.Module):
         self.active_adapters = list(adapter_names)
 
     def active_module(self) -> nn.Module:
-        """The copy of the first active adapter that has one, else the original."""
-        if not self.disabled:
-            for name in self.active_adapters:
-                if name in self.modules_to_save:
-                    return self.modules_to_save[name]
-        return self.original_module
+        """The copy of the active adapter that has one, else the original.
+
+        Copies of whole modules cannot be summed like LoRA updates: with several active adapters that have
+        a copy, the first is used and a warning says so (PEFT refuses this case outright).
+        """
+        if self.disabled:
+            return self.original_module
+        with_copy = [name for name in self.active_adapters if name in self.modules_to_save]
+        if len(with_copy) > 1:
+            warnings.warn(f"adapters {with_copy} are active together and each has its own copy of this "
+                          f"module ({type(self.original_module).__name__}); copies cannot be combined, "
+                          f"so only {with_copy[0]!r}'s is used", stacklevel=3)
+        return self.modules_to_save[with_copy[0]] if with_copy else self.original_module
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.row_plan is not None:
-            from lorakit.mixed import mixed_modules_to_save_forward
-
-            return mixed_modules_to_save_forward(self, *args, **kwargs)
+        route = route_of(self)
+        if route is not None:
+            return route.forward(self, *args, **kwargs)
         return self.active_module()(*args, **kwargs)
 
 

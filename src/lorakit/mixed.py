@@ -31,7 +31,8 @@ from torch import nn
 
 from lorakit.dora import row_norm
 from lorakit.layers import AdapterLayer, LoraEmbedding, LoraLinear, ModulesToSave
-from lorakit.model import adapter_configs, adapter_layers
+from lorakit.registry import adapter_configs, adapter_layers
+from lorakit.routing import clear_route, routed, set_route
 
 
 @dataclass
@@ -50,6 +51,11 @@ class RowPlan:
     lora_B: torch.Tensor
     dora_factor: torch.Tensor | None = None
 
+    def forward(self, layer: AdapterLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if isinstance(layer, LoraEmbedding):
+            return mixed_embedding_forward(layer, self, x, *args, **kwargs)
+        return mixed_linear_forward(layer, self, x, *args, **kwargs)
+
 
 @dataclass
 class CopyRowPlan:
@@ -57,6 +63,9 @@ class CopyRowPlan:
 
     rows: torch.Tensor
     slots: list[str]
+
+    def forward(self, wrapper: ModulesToSave, *args: Any, **kwargs: Any) -> Any:
+        return mixed_modules_to_save_forward(wrapper, self, *args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -77,7 +86,7 @@ def adapter_per_row(model: nn.Module, adapter_names: Sequence[str | None]) -> It
         if name not in known:
             raise ValueError(f"no adapter named {name!r}; the model has {sorted(known)}")
     layers = [layer for _, layer in adapter_layers(model)]
-    if any(layer.row_plan is not None for layer in layers):
+    if routed(layers):
         raise RuntimeError("adapter_per_row blocks do not nest: leave the outer block first")
     for layer in layers:
         if isinstance(layer, AdapterLayer) and layer.merged_adapters:
@@ -87,11 +96,11 @@ def adapter_per_row(model: nn.Module, adapter_names: Sequence[str | None]) -> It
     try:
         with torch.no_grad():
             for layer in layers:
-                layer.row_plan = _plan(layer, slots, rows)
+                set_route(layer, _plan(layer, slots, rows))
         yield
     finally:
         for layer in layers:
-            layer.row_plan = None
+            clear_route(layer)
 
 
 def _plan(layer: AdapterLayer | ModulesToSave, slots: list[str], rows: torch.Tensor) -> RowPlan | CopyRowPlan:
@@ -173,9 +182,10 @@ def _check_batch(plan: RowPlan | CopyRowPlan, batch: int) -> torch.Tensor:
     return rows
 
 
-def mixed_linear_forward(layer: LoraLinear, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+def mixed_linear_forward(
+    layer: LoraLinear, plan: RowPlan, x: torch.Tensor, *args: Any, **kwargs: Any
+) -> torch.Tensor:
     """x (batch, ..., in) -> (batch, ..., out), row b adapted by its slot's A and B."""
-    plan: RowPlan = layer.row_plan
     result = layer.base_layer(x, *args, **kwargs)
     rows = _check_batch(plan, x.shape[0])
     if layer.disabled:
@@ -199,10 +209,9 @@ def mixed_linear_forward(layer: LoraLinear, x: torch.Tensor, *args: Any, **kwarg
 
 
 def mixed_embedding_forward(
-    layer: LoraEmbedding, ids: torch.Tensor, *args: Any, **kwargs: Any
+    layer: LoraEmbedding, plan: RowPlan, ids: torch.Tensor, *args: Any, **kwargs: Any
 ) -> torch.Tensor:
     """ids (batch, ...) -> (batch, ..., dim), row b adapted by its slot's A and B."""
-    plan: RowPlan = layer.row_plan
     result = layer.base_layer(ids, *args, **kwargs)
     rows = _check_batch(plan, ids.shape[0])
     if layer.disabled:
@@ -213,13 +222,14 @@ def mixed_embedding_forward(
     return result + delta.view(result.shape).to(result.dtype)
 
 
-def mixed_modules_to_save_forward(wrapper: ModulesToSave, *args: Any, **kwargs: Any) -> Any:
+def mixed_modules_to_save_forward(
+    wrapper: ModulesToSave, plan: CopyRowPlan, *args: Any, **kwargs: Any
+) -> Any:
     """Each row takes the output of its adapter's copy of the module (the original for rows without one).
 
     Whole-module copies (typically a small classifier head) cannot be stacked like A and B, so each
     distinct copy runs once over the batch and rows pick their own output.
     """
-    plan: CopyRowPlan = wrapper.row_plan
     if wrapper.disabled:
         return wrapper.original_module(*args, **kwargs)
     copies = dict(wrapper.modules_to_save.items())

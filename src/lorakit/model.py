@@ -16,20 +16,25 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.layers import AdapterLayer, ModulesToSave, check_supported, wrap
 from lorakit.matching import find_modules_to_save, find_targets, pattern_value
+from lorakit.registry import adapter_configs, adapter_layers, forget_adapters
+from lorakit.routing import routed
 
-CONFIGS_ATTRIBUTE = "lorakit_configs"
+__all__ = [  # the registry's two functions are part of this module's API, as before the registry moved
+    "active_adapters", "adapter_configs", "adapter_layers", "add_adapter", "check_new_adapter_name",
+    "delete_adapter", "disable_adapters", "inject", "merge", "merge_and_unload", "refuse_while_mixed",
+    "set_adapter", "trainable_adapter", "trainable_parameters", "unload", "unmerge",
+]
 
 
-def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
-    """The config of every adapter in ``model``, by name (empty for a model without adapters)."""
-    return model.__dict__.setdefault(CONFIGS_ATTRIBUTE, {})
+def refuse_while_mixed(model: nn.Module, action: str) -> None:
+    """Raise RuntimeError when a mixed-adapter batch is running over ``model``.
 
-
-def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer | ModulesToSave]]:
-    """Every lorakit wrapper in ``model`` with its qualified name."""
-    for name, module in model.named_modules():
-        if isinstance(module, (AdapterLayer, ModulesToSave)):
-            yield name, module
+    Such a batch computes from weights it stacked on entry; changing the adapters or folding them into the
+    base under it would apply an adapter twice or not at all.
+    """
+    if routed(layer for _, layer in adapter_layers(model)):
+        raise RuntimeError(f"cannot {action} inside a mixed-adapter batch (adapter_per_row or a serving "
+                           "engine); leave the block first")
 
 
 def active_adapters(model: nn.Module) -> list[str]:
@@ -65,15 +70,20 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> None
     if not adapter_configs(model):
         inject(model, config, adapter_name)
         return
-    active, trainable = active_adapters(model), _trainable_adapter(model)
+    active, trainable = active_adapters(model), trainable_adapter(model)
     _add(model, config, adapter_name)
     for _, layer in adapter_layers(model):
         layer.set_active(active)
     _set_trainable(model, trainable)
 
 
-def _trainable_adapter(model: nn.Module) -> str | None:
-    """The adapter that trains now (the one whose parameters require grad), if any."""
+def trainable_adapter(model: nn.Module) -> str | None:
+    """The adapter that trains now (the one whose parameters require grad), or None.
+
+    Read from the layers' own parameter names (``lora_A.<adapter>.weight``,
+    ``modules_to_save.<adapter>.weight``, ...), so a model path that happens to contain an adapter's
+    name (an adapter called ``model`` or ``mlp``) cannot be mistaken for it.
+    """
     for _, layer in adapter_layers(model):
         for name, parameter in layer.named_parameters():
             if parameter.requires_grad and _is_adapter_parameter(name):
@@ -188,6 +198,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     If the adapter was active, the first remaining adapter becomes active (as in PEFT).
     """
     _check_names(model, [adapter_name])
+    refuse_while_mixed(model, "delete an adapter")
     for name, layer in adapter_layers(model):
         if isinstance(layer, AdapterLayer) and adapter_name in layer.merged_adapters:
             raise RuntimeError(f"adapter {adapter_name!r} is merged into {name!r}; unmerge() before "
@@ -226,13 +237,12 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[None]:
-    """Run the base model alone; merged adapters are unmerged inside and merged back on exit."""
+    """Run the base model alone; merged adapters are unmerged inside, and on exit the merged weights come
+    back exactly as they were (a copy of each merged layer's weight is held meanwhile: re-merging would
+    round a bf16 / fp16 base once more on every use)."""
     layers = [layer for _, layer in adapter_layers(model)]
-    remerge = {id(layer): list(layer.merged_adapters) for layer in layers if isinstance(layer, AdapterLayer)}
     with torch.no_grad():
-        for layer in layers:
-            if isinstance(layer, AdapterLayer):
-                layer.unmerge()
+        restores = [layer.suspend_merge() for layer in layers if isinstance(layer, AdapterLayer)]
     for layer in layers:
         layer.disabled = True
     try:
@@ -241,9 +251,8 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
         for layer in layers:
             layer.disabled = False
         with torch.no_grad():
-            for layer in layers:
-                if isinstance(layer, AdapterLayer) and remerge[id(layer)]:
-                    layer.merge(remerge[id(layer)])
+            for restore in restores:
+                restore()
 
 
 @torch.no_grad()
@@ -260,12 +269,13 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None, safe_merge: 
     """
     if adapter_names is not None:
         _check_names(model, adapter_names)
+    refuse_while_mixed(model, "merge")
     plan: list[tuple[str, AdapterLayer, list[str]]] = []
     for name, layer in adapter_layers(model):
         if isinstance(layer, AdapterLayer):
             wanted = adapter_names if adapter_names is not None else layer.active_adapters
-            names = layer._names_to_merge([n for n in wanted if n in layer.adapter_names])
-            if safe_merge and names and not torch.isfinite(layer._merge_result(names)[0]).all():
+            names = layer.check_merge([n for n in wanted if n in layer.adapter_names])
+            if safe_merge and names and not torch.isfinite(layer.merged_weight(names)).all():
                 raise RuntimeError(f"merging adapters {names} into {name!r} gives non-finite weights; "
                                    "nothing was merged")
             plan.append((name, layer, names))
@@ -276,6 +286,7 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None, safe_merge: 
 @torch.no_grad()
 def unmerge(model: nn.Module) -> None:
     """Undo `merge`: the base weights are restored to fp32 round-off."""
+    refuse_while_mixed(model, "unmerge")
     for _, layer in adapter_layers(model):
         if isinstance(layer, AdapterLayer):
             layer.unmerge()
@@ -288,21 +299,23 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     A 4-bit base is dequantised: its layers come back as full-precision ``nn.Linear``. A
     ``modules_to_save`` module is replaced by the active adapter's trained copy.
     """
+    refuse_while_mixed(model, "merge and unload")
     for name, layer in list(adapter_layers(model)):
         if isinstance(layer, AdapterLayer):
             model.set_submodule(name, layer.merged_module())
         else:
             model.set_submodule(name, layer.active_module())
-    model.__dict__.pop(CONFIGS_ATTRIBUTE, None)
+    forget_adapters(model)
     return model
 
 
 @torch.no_grad()
 def unload(model: nn.Module) -> nn.Module:
     """Remove every adapter and give back the base modules unchanged (merged adapters are unmerged first)."""
+    refuse_while_mixed(model, "unload adapters")
     for name, layer in list(adapter_layers(model)):
         if isinstance(layer, AdapterLayer):
             layer.unmerge()
         model.set_submodule(name, _base_of(layer))
-    model.__dict__.pop(CONFIGS_ATTRIBUTE, None)
+    forget_adapters(model)
     return model

@@ -1,0 +1,1 @@
+"""Shipping adapters and models: inspect, per-engine checks and conversions, GGUF export, merged models."""
