@@ -12,14 +12,15 @@ import importlib
 import os
 import sys
 
-COMMANDS = ("demo", "train", "merge", "params", "memory", "rank", "similarity", "sweep")
+COMMANDS = ("demo", "train", "merge", "params", "memory", "rank", "similarity", "sweep",
+            "inspect", "check", "convert")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
-        importlib.import_module(f"lorakit.cli.{name}").register(subparsers)
+        importlib.import_module(f"lorakit.cli.{name.replace('-', '_')}").register(subparsers)
     return parser
 
 
