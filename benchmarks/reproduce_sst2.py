@@ -35,7 +35,8 @@ import torch
 from lorakit.analysis.sweep import SweepCallback
 
 ROOT = Path(__file__).resolve().parent.parent
-SST2 = Path("/work/shared/data/sst2")
+# SST-2 (GLUE: train.tsv, dev.tsv, test.tsv) as the project keeps it beside the checkout; see --sst2.
+SST2 = ROOT.parent / "shared" / "data" / "sst2"
 STAGES = ("data", "pilot", "sweep", "test", "rank")
 # Layer types of a BERT block, by the end of the weight's name (the order matters: o before FFN down).
 LAYER_TYPES = (
@@ -66,6 +67,8 @@ def parse_args() -> argparse.Namespace:
         "--full-lrs", default="5e-5,1e-4,2e-4,4e-4", help="full fine-tuning learning rates tried on dev"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
+    parser.add_argument("--sst2", type=Path, default=SST2,
+                        help="folder with SST-2's train.tsv, dev.tsv, test.tsv (default ../shared/data/sst2)")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "sst2")
     parser.add_argument("--figures", type=Path, default=ROOT / "docs" / "figures" / "sst2")
     return parser.parse_args()
@@ -80,7 +83,7 @@ def base_config(args: argparse.Namespace, train_file: Path):
         task="classify",
         format="classify",
         data=str(train_file),
-        eval_data=str(SST2 / "dev.tsv"),
+        eval_data=str(args.sst2 / "dev.tsv"),
         max_length=args.max_length,
         batch_size=args.batch_size,
         eval_batch_size=64,
@@ -102,7 +105,7 @@ def stage_data(args: argparse.Namespace) -> Path:
     target = args.runs / "data" / f"train-{args.train_size}.tsv"
     if target.is_file():
         return target
-    lines = (SST2 / "train.tsv").read_text(encoding="utf-8").splitlines()
+    lines = (args.sst2 / "train.tsv").read_text(encoding="utf-8").splitlines()
     header, rows = lines[0], lines[1:]
     random.Random(0).shuffle(rows)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -204,7 +207,7 @@ def stage_test(args: argparse.Namespace) -> None:
 
     scores = {}
     for name in ("full", "lora-qv-r8"):
-        scores[name] = evaluate_run(args.runs / "main" / name, SST2 / "test.tsv")
+        scores[name] = evaluate_run(args.runs / "main" / name, args.sst2 / "test.tsv")
         log(f"test: {name} accuracy {scores[name]['accuracy']:.4f}")
     _write_json(args.figures / "test.json", {"data": "SST-2 test.tsv (1,821 sentences)", "scores": scores})
 
@@ -276,11 +279,9 @@ def random_baselines(shapes: set[tuple[int, int]]) -> dict[str, dict[str, float]
 
 
 def plot_energy(summary: dict, baselines: dict, path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from lorakit.figures import agg_figure
 
-    figure = Figure(figsize=(6, 4), dpi=110)
-    FigureCanvasAgg(figure)
+    figure = agg_figure(6, 4, dpi=110)
     axes = figure.add_subplot()
     for label, values in summary.items():
         axes.plot(RANKS, [values["energy_captured"][str(k)] for k in RANKS], "o-", label=label)

@@ -35,15 +35,6 @@ POSITIVE = ["good fun", "a great film", "lovely", "great acting", "so good", "fi
 NEGATIVE = ["bad", "awful plot", "a dull mess", "boring", "so bad", "terrible acting", "dreadful"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The machine is shared: tiny matmuls on several spinning intra-op threads are slower, not faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def tiny(tmp_path: Path) -> dict[str, str]:
     """A tiny BERT classifier folder, a training TSV and a dev TSV (SST-2's columns: label first)."""
@@ -87,7 +78,7 @@ def train_calls(monkeypatch: pytest.MonkeyPatch) -> list[TrainConfig]:
         calls.append(config)
         return train(config, progress)
 
-    monkeypatch.setattr(sweep, "train", counting)
+    monkeypatch.setattr(sweep.runner, "train", counting)
     return calls
 
 

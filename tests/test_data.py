@@ -26,7 +26,7 @@ from lorakit.data import (
 )
 from lorakit.models import tiny_llama, tiny_tokenizer
 
-SST2 = Path("/work/shared/data/sst2")
+SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"  # ../shared/data/sst2
 
 CHAT = [
     {"role": "system", "content": "Be brief."},

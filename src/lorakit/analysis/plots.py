@@ -1,8 +1,6 @@
 """PNG plots for the rank and similarity reports.
 
-Figures are built with ``matplotlib.figure.Figure`` and the Agg canvas directly, never through
-``pyplot``: no GUI backend is touched, no global figure state leaks between calls, and it works on
-headless machines and in threads.
+Figures come from `lorakit.figures.agg_figure` (a bare ``Figure`` on the Agg canvas, never ``pyplot``).
 """
 
 from __future__ import annotations
@@ -13,11 +11,11 @@ from typing import TYPE_CHECKING
 
 import torch
 from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from lorakit.analysis import spectrum
+from lorakit.figures import agg_figure
 
 if TYPE_CHECKING:
     from lorakit.analysis.rank import LayerRank, RankReport
@@ -30,8 +28,7 @@ MAX_PANELS = 16
 def _figure(panels: int, width: float = 4.0, height: float = 3.2) -> tuple[Figure, list, int]:
     columns = min(4, max(1, panels))
     rows = math.ceil(max(1, panels) / columns)
-    figure = Figure(figsize=(width * columns, height * rows), layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = agg_figure(width * columns, height * rows, layout="constrained")
     axes = [figure.add_subplot(rows, columns, i + 1) for i in range(max(1, panels))]
     return figure, axes, columns
 

@@ -44,11 +44,10 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 def plot_loss(records: list[dict[str, Any]], path: str | Path) -> Path:
     """Training loss (and eval loss, when present) against step, written as a PNG.
 
-    Drawn on a bare ``Figure`` with the Agg canvas, not through pyplot: no global backend is switched and
-    no figure is left open in the caller's session (a notebook keeps its own backend).
+    Drawn on a bare ``Figure`` with the Agg canvas (`lorakit.figures.agg_figure`), not through pyplot: no
+    global backend is switched and no figure is left open in the caller's session.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from lorakit.figures import agg_figure
 
     train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train" and _finite(r.get("loss"))]
     evals = [
@@ -56,8 +55,7 @@ def plot_loss(records: list[dict[str, Any]], path: str | Path) -> Path:
         for r in records
         if r.get("kind") == "eval" and _finite(r.get("eval_loss"))
     ]
-    figure = Figure(figsize=(7, 4), dpi=100)
-    FigureCanvasAgg(figure)
+    figure = agg_figure(7, 4, dpi=100)
     axes = figure.add_subplot()
     if train:
         axes.plot(*zip(*train), label="train loss", linewidth=1)
