@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections.abc import Sequence
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.analysis.sweep.runner import SweepResult, SweepRow
+from lorakit.atomic import write_file
 from lorakit.figures import agg_figure
 
 TABLE_JSON, TABLE_MD = "sweep.json", "sweep.md"
@@ -88,8 +90,8 @@ def write_sweep_report(result: SweepResult, output_dir: str | Path) -> dict[str,
         "metric_vs_rank": output / PLOT_RANK,
         "metric_vs_params": output / PLOT_PARAMS,
     }
-    paths["markdown"].write_text(table_markdown(result), encoding="utf-8")
-    paths["json"].write_text(json.dumps(result_to_json(result), indent=2) + "\n", encoding="utf-8")
+    write_file(paths["markdown"], table_markdown(result))
+    write_file(paths["json"], json.dumps(result_to_json(result), indent=2) + "\n")
     plot_metric_vs_rank(result.rows, paths["metric_vs_rank"])
     plot_metric_vs_params(result.rows, paths["metric_vs_params"])
     return paths
@@ -98,6 +100,13 @@ def write_sweep_report(result: SweepResult, output_dir: str | Path) -> dict[str,
 def _figure(width: float = 6.0, height: float = 4.0) -> tuple[Any, Any]:
     figure = agg_figure(width, height, dpi=110)
     return figure, figure.add_subplot()
+
+
+def _save_figure(figure: Any, path: str | Path) -> Path:
+    # Rendered in memory, then written atomically: an interrupted report leaves the old plot or the new one.
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png")
+    return write_file(path, buffer.getvalue())
 
 
 def plot_metric_vs_rank(rows: Sequence[SweepRow], path: str | Path) -> Path:
@@ -125,8 +134,7 @@ def plot_metric_vs_rank(rows: Sequence[SweepRow], path: str | Path) -> Path:
     if rows:
         axes.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path)
-    return Path(path)
+    return _save_figure(figure, path)
 
 
 def plot_metric_vs_params(rows: Sequence[SweepRow], path: str | Path) -> Path:
@@ -159,5 +167,4 @@ def plot_metric_vs_params(rows: Sequence[SweepRow], path: str | Path) -> Path:
     if rows:
         axes.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path)
-    return Path(path)
+    return _save_figure(figure, path)

@@ -18,7 +18,6 @@ trainer's lean loss.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,6 +29,7 @@ from torch import nn
 
 from lorakit.analysis.sweep.plan import SWEEP_OWNED, SweepSetting, setting_config, target_label
 from lorakit.analysis.sweep.targets import linear_module_names
+from lorakit.atomic import write_file
 from lorakit.model import trainable_parameters
 from lorakit.train import TrainCallback, TrainConfig, TrainResult, train
 
@@ -197,7 +197,8 @@ def _run_one(
         output=str(config.output),
     )
     record = {"row": asdict(row), "config": _comparable(config)}
-    _write_json_atomic(Path(config.output) / RESULT_FILE, record)
+    # Written whole or not at all: a half-written result file would mark a run finished.
+    write_file(Path(config.output) / RESULT_FILE, json.dumps(record, indent=2) + "\n")
     return row
 
 
@@ -273,10 +274,3 @@ def _read_finished(folder: Path, config: TrainConfig) -> SweepRow | None:
             f"or delete {path} to rerun it"
         )
     return SweepRow(**record["row"])
-
-
-def _write_json_atomic(path: Path, value: Any) -> None:
-    # Written whole or not at all: a half-written result file would mark a run finished.
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
