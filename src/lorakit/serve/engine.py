@@ -1,0 +1,444 @@
+"""The serving engine: one base model, many adapters, continuous batching across them (no HTTP here).
+
+Every loop iteration (`Engine.step`):
+
+1. takes new requests, cancellations and adapter unloads handed over by other threads;
+2. admits waiting requests while the batch has room: a request whose adapter sits in a slot (hit) or can
+   be written into a free or least-recently-used idle slot (miss, maybe eviction) is prefilled alone and
+   joins the running batch; an adapter not yet parsed is read from disk on a loader thread meanwhile, so
+   one adapter loading never stalls the others' decoding;
+3. runs one decoding step for every running row in one forward pass, each row with its own cache
+   positions and its own adapter slot, samples each row with its own parameters, and drops the rows that
+   finished.
+
+Rows therefore join between decoding steps and leave when done; nothing waits for the batch to drain.
+A row's greedy tokens are those of running its request alone with its adapter merged into the base, up to
+float round-off in the last bits (the batched attention sees masked padding; LoRA is added unmerged).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.serve.adapters import (
+    AdapterCatalog,
+    AdapterError,
+    HostCache,
+    ParsedAdapter,
+    combine,
+    parse_adapter_folder,
+    parse_combination,
+)
+from lorakit.serve.errors import ServeError
+from lorakit.serve.pool import AdapterPool, SlotModule
+from lorakit.serve.requests import Event, Request
+from lorakit.serve.sampling import find_stop, held_back, sample_token
+from lorakit.serve.scheduler import PaddedBatch, SlotTable
+
+
+class EngineObserver:
+    """Hooks the engine calls (from its thread); a server records them as metrics. Defaults do nothing."""
+
+    def request_finished(self, model: str, status: str, prompt_tokens: int,
+                         completion_tokens: int) -> None: ...
+    def first_token(self, seconds: float) -> None: ...
+    def inter_token(self, seconds: float) -> None: ...
+    def batch(self, running: int, waiting: int) -> None: ...
+    def slot(self, outcome: str) -> None: ...  # "hit", "miss" or "eviction"
+    def adapter_loaded(self, seconds: float) -> None: ...
+
+
+class Engine:
+    """Serve ``model`` (a causal LM in eval mode) with the adapters of ``catalog``.
+
+    Args:
+        base_name: the model name that means "no adapter".
+        max_batch: running rows at most.
+        max_loras: adapter slots (besides the base slot 0); max_lora_rank: their padded rank.
+        max_cpu_loras: parsed adapters kept in host memory.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, *, base_name: str = "base",
+                 catalog: AdapterCatalog | None = None, max_batch: int = 16, max_loras: int = 8,
+                 max_lora_rank: int = 16, max_cpu_loras: int = 32,
+                 observer: EngineObserver | None = None) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.base_name, self.max_batch = base_name, max_batch
+        self.catalog = catalog if catalog is not None else AdapterCatalog()
+        self.observer = observer or EngineObserver()
+        weight = next(model.parameters())
+        self.adapter_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        self.pool = AdapterPool(max_loras, max_lora_rank, dtype=self.adapter_dtype, device=weight.device)
+        self.slots = SlotTable(max_loras)
+        self.host = HostCache(max_cpu_loras)
+        self.modules = {name: m for name, m in model.named_modules()
+                        if isinstance(m, (nn.Linear, nn.Embedding)) or type(m).__name__ == "Conv1D"}
+        self.max_context = int(getattr(model.config, "max_position_embeddings", 2048))
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos = eos if eos is not None else tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.batch = PaddedBatch()
+        self.running: list[Request] = []
+        self.waiting: deque[Request] = deque()
+        self._inbox: deque[Request] = deque()
+        self._cancels: set[str] = set()
+        self._forget: deque[str] = deque()
+        self._wake = threading.Condition()
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="lorakit-adapter-load")
+        self._loading: dict[str, Future] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # --- what other threads call ---------------------------------------------------------------------
+
+    def resolve(self, model_name: str | None) -> str | None:
+        """The adapter key a model name stands for (None: the base model).
+
+        Raises:
+            AdapterError (404): no served adapter of that name, or a combination naming one.
+        """
+        if model_name is None or model_name == self.base_name:
+            return None
+        terms = parse_combination(model_name)
+        if terms is None:
+            if self.catalog.path(model_name) is None:
+                raise AdapterError(f"the model {model_name!r} does not exist", status=404)
+            return model_name
+        for name, _ in terms:
+            if self.catalog.path(name) is None:
+                raise AdapterError(f"model {model_name!r} names {name!r}, which is not a served adapter",
+                                   status=404)
+        return "+".join(f"{name}*{weight!r}" for name, weight in terms)
+
+    def submit(self, request: Request) -> None:
+        """Queue ``request``; its events arrive through ``request.on_event``.
+
+        Raises:
+            ServeError: unknown model (404), prompt or prompt + max_tokens beyond the context (400).
+        """
+        request.model = self.resolve(request.model)
+        prompt = len(request.prompt_ids)
+        if prompt >= self.max_context:
+            raise ServeError(f"the prompt has {prompt} tokens; the model's context is "
+                             f"{self.max_context}", param="prompt")
+        if prompt + request.params.max_tokens > self.max_context:
+            raise ServeError(f"max_tokens {request.params.max_tokens} plus the prompt's {prompt} tokens "
+                             f"exceed the model's context of {self.max_context}", param="max_tokens")
+        with self._wake:
+            self._inbox.append(request)
+            self._wake.notify()
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request (a client went away): its row is freed at the next step."""
+        with self._wake:
+            self._cancels.add(request_id)
+            self._wake.notify()
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._inbox) + len(self.waiting)
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Serve the adapter folder ``path`` as ``name`` (parsed and checked now).
+
+        Raises:
+            AdapterError: a taken or malformed name, not an adapter folder, or one that does not fit.
+        """
+        self.catalog.add(name, path)
+        try:
+            self.host.put(name, self._parse(name))
+        except Exception:
+            self.catalog.remove(name)
+            raise
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving ``name``; running rows finish, waiting requests for it fail with 404."""
+        self.catalog.remove(name)
+        self.host.drop(lambda key: _involves(key, name))
+        with self._wake:
+            self._forget.append(name)
+            self._wake.notify()
+
+    def start(self) -> None:
+        """Run the loop on a background thread until `stop`."""
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="lorakit-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+        self._loader.shutdown(wait=False, cancel_futures=True)
+
+    def generate(self, requests: list[Request]) -> list[Event]:
+        """Run ``requests`` to completion on the calling thread (no `start` needed); one summary each."""
+        results = {r.request_id: Event(r.request_id) for r in requests}
+        for request in requests:
+            request.on_event = _collector(results[request.request_id])
+            self.submit(request)
+        while any(not e.finished for e in results.values()):
+            if not self.step():
+                time.sleep(0.001)
+        return [results[r.request_id] for r in requests]
+
+    # --- the loop ------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self._has_work():
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            if not self.step():
+                with self._wake:
+                    self._wake.wait(timeout=0.005)
+
+    def _has_work(self) -> bool:
+        return bool(self._inbox or self.waiting or self.running or self._cancels or self._forget)
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        """One loop iteration; False when nothing could progress (waiting on loads or slots)."""
+        with self._wake:
+            self.waiting.extend(self._inbox)
+            self._inbox.clear()
+            cancels, self._cancels = self._cancels, set()
+            forget = list(self._forget)
+            self._forget.clear()
+        progress = bool(cancels or forget)
+        for name in forget:
+            self._forget_adapter(name)
+        if cancels:
+            self._cancel(cancels)
+        progress |= self._admit()
+        if self.running:
+            self._decode()
+            progress = True
+        self.observer.batch(len(self.running), len(self.waiting))
+        return progress
+
+    def _cancel(self, ids: set[str]) -> None:
+        for request in [r for r in self.waiting if r.request_id in ids]:
+            self.waiting.remove(request)
+            self._finish(request, "cancelled")
+        keep = []
+        for row, request in enumerate(self.running):
+            if request.request_id in ids:
+                self._finish(request, "cancelled")
+            else:
+                keep.append(row)
+        self._keep(keep)
+
+    def _forget_adapter(self, name: str) -> None:
+        for key in [k for k in self.slots.slot_of if _involves(k, name)]:
+            slot = self.slots.forget(key)
+            if slot is not None:
+                self.pool.clear(slot)
+        for request in [r for r in self.waiting if r.model is not None and _involves(r.model, name)]:
+            self.waiting.remove(request)
+            self._finish(request, "error", AdapterError(f"adapter {name!r} was unloaded", status=404))
+
+    def _admit(self) -> bool:
+        admitted, blocked = False, deque()
+        while self.waiting:
+            request = self.waiting.popleft()
+            if len(self.running) >= self.max_batch:
+                blocked.append(request)
+                continue
+            try:
+                slot = self._slot_for(request.model)
+            except ServeError as error:
+                self._fail_waiting(request.model, error)
+                self._finish(request, "error", error)
+                continue
+            if slot is None:
+                blocked.append(request)
+                continue
+            if slot:
+                self.slots.pin(slot)
+            request.slot = slot
+            self._prefill(request)
+            admitted = True
+        self.waiting = blocked
+        return admitted
+
+    def _slot_for(self, key: str | None) -> int | None:
+        """The slot holding ``key`` (writing it if needed), or None while it loads or no slot is free."""
+        if key is None:
+            return 0
+        slot = self.slots.lookup(key)
+        if slot is not None:
+            self.observer.slot("hit")
+            return slot
+        parsed = self._ready(key)
+        if parsed is None:
+            return None
+        free = self.slots.free_slot()
+        if free is None:
+            return None
+        slot, evicted = free
+        if evicted is not None:
+            self.observer.slot("eviction")
+        for module in parsed.weights:
+            self._ensure_route(module)
+        self.pool.write(slot, parsed.weights)
+        self.slots.assign(slot, key)
+        self.observer.slot("miss")
+        return slot
+
+    def _ready(self, key: str) -> ParsedAdapter | None:
+        parsed = self.host.get(key)
+        if parsed is not None:
+            return parsed
+        future = self._loading.get(key)
+        if future is None:
+            self._loading[key] = future = self._loader.submit(self._parse, key)
+            future.add_done_callback(lambda _: self._notify())
+            return None
+        if not future.done():
+            return None
+        del self._loading[key]
+        parsed = future.result()  # raises the ServeError of a failed load
+        self.host.put(key, parsed)
+        return parsed
+
+    def _notify(self) -> None:
+        with self._wake:
+            self._wake.notify()
+
+    def _parse(self, key: str) -> ParsedAdapter:
+        """Read (or combine) adapter ``key``; runs on the loader thread."""
+        start = time.perf_counter()
+        terms = parse_combination(key)
+        if terms is None:
+            path = self.catalog.path(key)
+            if path is None:
+                raise AdapterError(f"the model {key!r} does not exist", status=404)
+            parsed = parse_adapter_folder(key, path, self.modules, self.pool.max_rank, self.adapter_dtype)
+        else:
+            parts = []
+            for name, weight in terms:
+                part = self.host.get(name) or self._parse(name)
+                self.host.put(name, part)
+                parts.append((part, weight))
+            parsed = combine(key, parts, self.pool.max_rank)
+        self.observer.adapter_loaded(time.perf_counter() - start)
+        return parsed
+
+    def _fail_waiting(self, key: str | None, error: ServeError) -> None:
+        for request in [r for r in self.waiting if r.model == key]:
+            self.waiting.remove(request)
+            self._finish(request, "error", error)
+
+    def _ensure_route(self, name: str) -> None:
+        if name in self.pool.routes:
+            return
+        module = self.modules[name]
+        route = self.pool.route_for(name, module)
+        parent_name, _, child = name.rpartition(".")
+        setattr(self.model.get_submodule(parent_name), child, SlotModule(module, route))
+
+    def _set_rows(self, slots: list[int]) -> None:
+        self.pool.set_rows(torch.tensor(slots) if any(slots) else None)
+
+    def _prefill(self, request: Request) -> None:
+        ids = torch.tensor([request.prompt_ids], device=self.pool.device)
+        self._set_rows([request.slot])
+        output = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        token = sample_token(output.logits[0, -1], request.params, request.generator)
+        self.observer.first_token(time.perf_counter() - request.arrival)
+        if self._accept(request, token):
+            return
+        self.running.append(request)
+        self.batch.add(output.cache, len(request.prompt_ids))
+
+    def _decode(self) -> None:
+        mask, positions = self.batch.step_inputs()
+        device = self.pool.device
+        ids = torch.tensor([[r.generated[-1]] for r in self.running], device=device)
+        self._set_rows([r.slot for r in self.running])
+        output = self.model(input_ids=ids, attention_mask=mask.to(device), position_ids=positions.to(device),
+                            cache=self.batch.cache, use_cache=True)
+        self.batch.cache = output.cache
+        self.batch.advance()
+        logits = output.logits[:, -1]
+        keep = [row for row, request in enumerate(self.running)
+                if not self._accept(request, sample_token(logits[row], request.params, request.generator))]
+        self._keep(keep)
+
+    def _keep(self, rows: list[int]) -> None:
+        self.running = [self.running[i] for i in rows]
+        self.batch.keep(rows)
+
+    def _accept(self, request: Request, token: int) -> bool:
+        """Record one new token of ``request`` and report it; True when the request finished."""
+        now = time.perf_counter()
+        if request.last_token_time is not None:
+            self.observer.inter_token(now - request.last_token_time)
+        request.last_token_time = now
+        request.generated.append(token)
+        params = request.params
+        eos = token in self.eos_ids and not params.ignore_eos
+        text = self.tokenizer.decode(request.generated[:-1] if eos else request.generated,
+                                     skip_special_tokens=True)
+        reason = "stop" if eos else None
+        if params.stop:
+            longest = max(len(s) for s in params.stop)
+            cut = find_stop(text, params.stop, max(0, request.emitted - longest + 1))
+            if cut is not None:
+                text, reason = text[:cut], "stop"
+        total = len(request.prompt_ids) + len(request.generated)
+        if reason is None and (len(request.generated) >= params.max_tokens or total >= self.max_context):
+            reason = "length"
+        if reason is None:
+            safe = len(text) - held_back(text, params.stop)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
+                safe = min(safe, len(text) - 1)
+            safe = max(safe, request.emitted)
+        else:
+            safe = len(text)
+        delta, request.emitted, request.text = text[request.emitted:safe], safe, text
+        if reason is None:
+            request.emit(Event(request.request_id, delta, [token]))
+            return False
+        self._finish(request, reason, delta=delta, tokens=[token])
+        return True
+
+    def _finish(self, request: Request, reason: str, error: ServeError | None = None, *, delta: str = "",
+                tokens: list[int] | None = None) -> None:
+        if request.slot:
+            self.slots.unpin(request.slot)
+            request.slot = 0
+        status = {"stop": "ok", "length": "ok"}.get(reason, reason)
+        prompt, completion = len(request.prompt_ids), len(request.generated)
+        self.observer.request_finished(request.model or self.base_name, status, prompt, completion)
+        request.emit(Event(request.request_id, delta, tokens or [], reason, error, prompt, completion))
+
+
+def _involves(key: str, name: str) -> bool:
+    """True when adapter key ``key`` is ``name`` or a combination with ``name`` as a term."""
+    terms = parse_combination(key)
+    return key == name if terms is None else any(term == name for term, _ in terms)
+
+
+def _collector(summary: Event):
+    def collect(event: Event) -> None:
+        summary.text += event.text
+        summary.token_ids.extend(event.token_ids)
+        if event.finished:
+            summary.finish_reason, summary.error = event.finish_reason, event.error
+            summary.prompt_tokens, summary.completion_tokens = event.prompt_tokens, event.completion_tokens
+    return collect
