@@ -52,8 +52,6 @@ def test_valid_values_are_normalised():
                         layers_to_transform=1, init_lora_weights="gaussian", bias="lora_only")
     assert config.target_modules == ["q_proj", "v_proj"]
     assert config.layers_to_transform == [1]
-    assert config.scaling_for(16, 32) == 2.0
-    assert config.replace(use_rslora=True).scaling_for(16, 32) == 8.0
 
 
 def test_from_dict_reads_a_peft_adapter_config():
