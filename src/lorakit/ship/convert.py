@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from lorakit.peft_format import PEFT_PREFIX
 from lorakit.ship.base import BaseWeights, architecture_of, base_config
 from lorakit.ship.folder import (
     AdapterFolder,
@@ -57,6 +58,7 @@ class ConversionReport:
     layers: list[LayerConversion] = field(default_factory=list)
     overall_error: float = 0.0  # over the SVD-truncated layers
     dropped: list[str] = field(default_factory=list)
+    losses: list[str] = field(default_factory=list)  # what dropping lost, in words (also warned)
 
     @property
     def truncated(self) -> list[LayerConversion]:
@@ -104,11 +106,13 @@ def convert_adapter(
     modules = {path: _padded(module, uniform) for path, module in modules.items()}
     converted = _converted_folder(folder, modules, uniform, drop_modules_to_save, drop_bias, report)
     _verify(converted, target, base, max_lora_rank)
+    for loss in report.losses:  # only once the conversion is known to go through
+        warnings.warn(loss, stacklevel=2)
     tensors: dict[str, torch.Tensor] = {}
     for module in converted.modules.values():
         tensors.update(module_tensors(module))
     for box in (converted.saved, converted.biases, converted.lora_biases, converted.embeddings):
-        tensors.update({"base_model.model." + key: value for key, value in box.items()})
+        tensors.update({PEFT_PREFIX + key: value for key, value in box.items()})
     write_adapter_folder(output, converted.config, tensors)
     return report
 
@@ -209,15 +213,14 @@ def _converted_folder(folder: AdapterFolder, modules: dict[str, LoraModule], ran
     saved, biases, lora_biases = dict(folder.saved), dict(folder.biases), dict(folder.lora_biases)
     if drop_saved and (saved or config.get("modules_to_save")):
         lost = sorted(saved) or list(config.get("modules_to_save") or [])
-        warnings.warn(f"dropping modules_to_save ({', '.join(lost)}): the engine will use the base model's "
-                      "modules there, not the trained copies", stacklevel=3)
+        report.losses.append(f"dropping modules_to_save ({', '.join(lost)}): the engine will use the base "
+                             "model's modules there, not the trained copies")
         report.dropped += lost
         saved, config["modules_to_save"] = {}, None
     trained_bias = config.get("bias", "none") != "none" or config.get("lora_bias")
     if drop_bias and (biases or lora_biases or trained_bias):
         lost = sorted([*biases, *lora_biases]) or [f"bias={config.get('bias')}"]
-        warnings.warn(f"dropping trained biases ({', '.join(lost)}): the base model's biases are used",
-                      stacklevel=3)
+        report.losses.append(f"dropping trained biases ({', '.join(lost)}): the base model's biases are used")
         report.dropped += lost
         biases, lora_biases, config["bias"], config["lora_bias"] = {}, {}, "none", False
     return AdapterFolder(path=Path(report.output), config=config, modules=modules, saved=saved,

@@ -16,7 +16,6 @@ Writing goes through `write_adapter_folder`: atomic, and refuses to touch a fold
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,22 +23,28 @@ from typing import Any, Literal
 
 import safetensors.torch
 import torch
-from safetensors import SafetensorError
 
 from lorakit.atomic import write_folder
-from lorakit.matching import name_matches, pattern_value
+from lorakit.config import lora_scaling
+from lorakit.matching import name_matches
+from lorakit.peft_format import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    file_key,
+    module_rank_alpha,
+    read_adapter_config,
+    read_adapter_tensors,
+    split_file_key,
+    strip_prefix,
+)
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
-
+# LORA_PARTS name -> (module kind, role)
 _PARTS = {
-    ".lora_A.weight": ("linear", "A"),
-    ".lora_B.weight": ("linear", "B"),
-    ".lora_embedding_A": ("embedding", "A"),
-    ".lora_embedding_B": ("embedding", "B"),
-    ".lora_magnitude_vector": ("linear", "magnitude"),
-    ".lora_magnitude_vector.weight": ("linear", "magnitude"),
+    "lora_A": ("linear", "A"),
+    "lora_B": ("linear", "B"),
+    "lora_embedding_A": ("embedding", "A"),
+    "lora_embedding_B": ("embedding", "B"),
+    "lora_magnitude_vector": ("linear", "magnitude"),
 }
 
 
@@ -97,18 +102,6 @@ class AdapterFolder:
         return [m.path for m in self.modules.values() if m.rank != r or m.alpha != alpha]
 
 
-def scaling_of(config: dict[str, Any], rank: int, alpha: float) -> float:
-    """PEFT's scale: alpha / r, or alpha / sqrt(r) with ``use_rslora``."""
-    return alpha / math.sqrt(rank) if config.get("use_rslora", False) else alpha / rank
-
-
-def module_rank_alpha(config: dict[str, Any], module: str) -> tuple[int, float]:
-    """(r, alpha) of ``module``: ``rank_pattern`` / ``alpha_pattern`` override r / lora_alpha (PEFT)."""
-    rank = int(pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8)))
-    alpha = float(pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8)))
-    return rank, alpha
-
-
 def read_adapter_folder(path: str | os.PathLike[str]) -> AdapterFolder:
     """Read ``path`` (adapter_config.json + adapter_model.safetensors) and sort its tensors.
 
@@ -118,23 +111,12 @@ def read_adapter_folder(path: str | os.PathLike[str]) -> AdapterFolder:
             reverse), or tensors whose rank disagrees with the config.
     """
     path = Path(path)
-    config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
-    if not path.is_dir():
-        raise FileNotFoundError(f"adapter folder {path} does not exist")
-    for needed in (config_path, weights_path):
-        if not needed.is_file():
-            raise FileNotFoundError(f"{needed} is missing: {path} is not a PEFT adapter folder")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{config_path} is not valid JSON: {error}") from error
+    config = read_adapter_config(path)
     if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{config_path}: not a LoRA adapter config (peft_type must be 'LORA')")
-    try:
-        tensors = safetensors.torch.load_file(str(weights_path), device="cpu")
-    except SafetensorError as error:
-        raise ValueError(f"{weights_path} is not a readable safetensors file: {error}") from error
-    folder = AdapterFolder(path=path, config=config, modules={}, file_size=weights_path.stat().st_size)
+        raise ValueError(f"{path / CONFIG_NAME}: not a LoRA adapter config (peft_type must be 'LORA')")
+    tensors = read_adapter_tensors(path)
+    size = (path / WEIGHTS_NAME).stat().st_size
+    folder = AdapterFolder(path=path, config=config, modules={}, file_size=size)
     for tensor in tensors.values():
         name = str(tensor.dtype).removeprefix("torch.")
         folder.dtypes[name] = folder.dtypes.get(name, 0) + 1
@@ -147,14 +129,14 @@ def _sort_tensors(folder: AdapterFolder, tensors: dict[str, torch.Tensor]) -> No
     kinds: dict[str, str] = {}
     saved_entries = [str(entry) for entry in folder.config.get("modules_to_save") or []]
     for key, tensor in tensors.items():
-        name = key.removeprefix(PEFT_PREFIX)
-        for suffix, (kind, part) in _PARTS.items():
-            if name.endswith(suffix):
-                module = name[: -len(suffix)]
-                parts.setdefault(module, {})[part] = tensor
-                if part != "magnitude":
-                    kinds[module] = kind
-                break
+        name = strip_prefix(key)
+        split = split_file_key(key)
+        if split is not None:
+            module, part_name = split
+            kind, part = _PARTS[part_name]
+            parts.setdefault(module, {})[part] = tensor
+            if part != "magnitude":
+                kinds[module] = kind
         else:
             if name.endswith((".lora_A.bias", ".lora_B.bias")):
                 folder.lora_biases[name] = tensor
@@ -178,7 +160,8 @@ def _sort_tensors(folder: AdapterFolder, tensors: dict[str, torch.Tensor]) -> No
                              f"{tuple(lora_B.shape)} but adapter_config.json gives r={rank}")
         folder.modules[module] = LoraModule(
             path=module, kind=kinds[module], lora_A=lora_A, lora_B=lora_B,  # type: ignore[arg-type]
-            rank=rank, alpha=alpha, scaling=scaling_of(folder.config, rank, alpha),
+            rank=rank, alpha=alpha,
+            scaling=lora_scaling(alpha, rank, bool(folder.config.get("use_rslora", False))),
             magnitude=found.get("magnitude"))
     if not folder.modules:
         raise ValueError(f"{folder.path}: {WEIGHTS_NAME} holds no LoRA A/B tensors")
@@ -186,13 +169,10 @@ def _sort_tensors(folder: AdapterFolder, tensors: dict[str, torch.Tensor]) -> No
 
 def module_tensors(module: LoraModule) -> dict[str, torch.Tensor]:
     """The file keys and tensors of one module (PEFT's layout)."""
-    key = PEFT_PREFIX + module.path
-    if module.kind == "embedding":
-        out = {f"{key}.lora_embedding_A": module.lora_A, f"{key}.lora_embedding_B": module.lora_B}
-    else:
-        out = {f"{key}.lora_A.weight": module.lora_A, f"{key}.lora_B.weight": module.lora_B}
+    names = ("lora_embedding_A", "lora_embedding_B") if module.kind == "embedding" else ("lora_A", "lora_B")
+    out = {file_key(module.path, names[0]): module.lora_A, file_key(module.path, names[1]): module.lora_B}
     if module.magnitude is not None:
-        out[f"{key}.lora_magnitude_vector"] = module.magnitude
+        out[file_key(module.path, "lora_magnitude_vector")] = module.magnitude
     return out
 
 
