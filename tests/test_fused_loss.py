@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train_support import _one_thread  # noqa: F401
 from torch import nn
 
 import lorakit.train.loss as loss_module

@@ -9,13 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_train_loop import _fit
-from test_train_support import COLLATE, _one_thread, adapted_llama, counting_examples  # noqa: F401
 from torch import nn
+from train_support import COLLATE, adapted_llama, counting_examples
 
 import lorakit
+from lorakit import recipes
 from lorakit.analysis.measure import LiveTensorTracker
 from lorakit.models import tiny_llama
-from lorakit.recompute import LeanActivations, _RMSNorm, mark_recomputable
+from lorakit.recipes import mark_recomputable
+from lorakit.train import lean_activations
+from lorakit.train.lean_activations import LeanActivations, _RMSNorm
 from lorakit.train.loss import LossModule
 
 
@@ -232,7 +235,38 @@ def test_training_with_and_without_lean_activations_gives_the_same_losses(tmp_pa
     torch.testing.assert_close(torch.tensor(lean), torch.tensor(plain), rtol=1e-6, atol=0)
 
 
-def test_rebuilt_lora_output_of_dora_is_exact() -> None:
-    hidden = torch.randn(5, 4, dtype=torch.float64)
-    lora_b = torch.randn(6, 4, dtype=torch.float64)
-    assert torch.equal(F.linear(hidden, lora_b), F.linear(hidden, lora_b))
+def test_rebuilt_lora_output_of_dora_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    # DoRA saves its (..., out) B·A·x for backward; lean activations keep the recipe (F.linear of the
+    # r-wide A·x and B) instead and rebuild it. A lone DoRA layer has no hand-written backward, so the
+    # gradients must be autograd's bit for bit, and the rebuild must really have been used.
+    torch.manual_seed(0)
+    model = lorakit.inject(
+        nn.Sequential(nn.Linear(8, 6, dtype=torch.float64)),
+        lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], use_dora=True, init_lora_weights=False),
+    ).train()
+    x = torch.randn(5, 8, dtype=torch.float64)
+    rebuilt_linear = []
+
+    def counting_unpack(saved: object) -> torch.Tensor:
+        if isinstance(saved, recipes._Packed) and saved.recipe.fn is F.linear:
+            rebuilt_linear.append(saved.recipe.inputs[0].shape)
+        return unpack_saved(saved)
+
+    unpack_saved = lean_activations.unpack_saved
+    monkeypatch.setattr(lean_activations, "unpack_saved", counting_unpack)
+
+    def gradients(lean: bool) -> dict[str, torch.Tensor]:
+        with LeanActivations(model) if lean else torch.enable_grad():
+            loss = model(x).pow(2).sum()
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        return grads
+
+    plain = gradients(lean=False)
+    assert rebuilt_linear == []
+    lean = gradients(lean=True)
+    assert rebuilt_linear and all(shape == (5, 4) for shape in rebuilt_linear)  # rebuilt from A·x
+    assert plain.keys() == lean.keys() and any("magnitude" in name for name in plain)
+    for name, grad in plain.items():
+        assert torch.equal(lean[name], grad), name

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from test_train_support import _one_thread, train_losses, write_chat_jsonl, write_tiny_model  # noqa: F401
+from train_support import train_losses, write_chat_jsonl, write_tiny_model
 
 from lorakit.train import build_config, train
 from lorakit.train.checkpoint import list_checkpoints

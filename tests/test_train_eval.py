@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from test_train_support import IGNORE, _one_thread, write_chat_jsonl  # noqa: F401
 from torch import nn
+from train_support import IGNORE, write_chat_jsonl
 
 from lorakit.data import load_examples, read_rows, rows_from_records
 from lorakit.models import tiny_tokenizer

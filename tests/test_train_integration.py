@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_support import _one_thread  # noqa: F401
 
 from lorakit import disable_adapters
 from lorakit.train import TrainConfig, train

@@ -9,9 +9,8 @@ from typing import Any
 
 import pytest
 import torch
-from test_train_support import (  # noqa: F401
+from train_support import (
     COLLATE,
-    _one_thread,
     adapted_llama,
     adapter_tensors,
     counting_examples,

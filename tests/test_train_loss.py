@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train_support import COLLATE, IGNORE, _one_thread, counting_examples  # noqa: F401
+from train_support import COLLATE, IGNORE, counting_examples
 
 import lorakit
 from lorakit.models import tiny_bert, tiny_llama

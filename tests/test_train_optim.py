@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_train_support import _one_thread, adapted_llama  # noqa: F401
+from train_support import adapted_llama
 
 import lorakit
 from lorakit.models import tiny_llama

@@ -1,4 +1,4 @@
-"""Helpers shared by the tests/test_train_*.py files (no tests here): tiny data, tiny adapted models.
+"""Helpers shared by the training tests (no tests here): tiny data, tiny adapted models.
 
 The tiny models come from `lorakit.models.tiny`; the data are counting sequences (each token is the
 previous one plus a step), which a tiny model learns within a few steps, with a masked prompt of varying
@@ -12,7 +12,6 @@ import random
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 from torch import nn
 
@@ -22,16 +21,6 @@ from lorakit.models import tiny_llama, tiny_tokenizer
 
 IGNORE = -100
 COLLATE = PadCollator(pad_token_id=0)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Seven engineers share two cores: torch's intra-op threads then spin against each other and a tiny
-    # matmul takes milliseconds instead of microseconds. One thread keeps these tests fast and stable.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def counting_examples(count: int = 32, seed: int = 0, vocab: int = 128) -> list[dict[str, list[int]]]:
