@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit import recompute
+from lorakit import recipes
 from lorakit.analysis.activations import (
     AdaptedLinear,
     block_activation_bytes,
@@ -29,7 +28,8 @@ from lorakit.analysis.memory import (
     optimizer_bytes,
 )
 from lorakit.cli import memory as memory_cli
-from lorakit.recompute import LeanActivations
+from lorakit.train import lean_activations as recompute
+from lorakit.train.lean_activations import LeanActivations
 from lorakit.train.loss import LossModule, count_label_tokens
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -133,13 +133,13 @@ def _saved_bytes_of_block(
             record(tensor)
         return tensor
 
-    lean_pack = recompute._pack
+    lean_pack = recompute.pack_saved
 
-    def counting_lean_pack(tensor: torch.Tensor) -> torch.Tensor | recompute._Packed:
+    def counting_lean_pack(tensor: torch.Tensor) -> torch.Tensor | recipes._Packed:
         kept = lean_pack(tensor)
         if inside[0]:
             packed[0] += 1
-            for kept_tensor in kept.recipe.inputs if isinstance(kept, recompute._Packed) else (kept,):
+            for kept_tensor in kept.recipe.inputs if isinstance(kept, recipes._Packed) else (kept,):
                 record(kept_tensor)
         return kept
 
@@ -153,13 +153,13 @@ def _saved_bytes_of_block(
                 model(input_ids=ids, labels=ids)
         else:
             # LeanActivations looks its pack function up when it is entered
-            recompute._pack = counting_lean_pack  # type: ignore[assignment]
+            recompute.pack_saved = counting_lean_pack  # type: ignore[assignment]
             with LeanActivations(model):
                 loss, _ = LossModule(model, "causal")({"input_ids": ids, "labels": ids})
-            assert packed[0] > 0, "LeanActivations did not call lorakit.recompute._pack"
+            assert packed[0] > 0, "LeanActivations did not call lorakit.recipes.pack_saved"
             loss.backward()  # the recipes rebuild what they stand for
     finally:
-        recompute._pack = lean_pack  # type: ignore[assignment]
+        recompute.pack_saved = lean_pack  # type: ignore[assignment]
         for hook in hooks:
             hook.remove()
     return sum(saved.values())
@@ -368,15 +368,6 @@ def test_tracker_counts_storages_once() -> None:
 # --- integration: the estimate against measured peaks on SmolLM2-135M (CPU, fp32) -------------
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    # two cores shared with other processes: one intra-op thread avoids oversubscription stalls
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class _LorakitStep(nn.Module):
     """lorakit's training step as a module for `measure_training_peak`: the lean loss (`LossModule`) under
     `LeanActivations` (off under gradient checkpointing, as in `lorakit train`), mean over label tokens."""
@@ -408,7 +399,7 @@ class _LorakitStep(nn.Module):
     ],
 )
 def test_estimate_within_25_percent_of_measured_peak(
-    method: str, checkpointing: bool, trainer: str, one_thread: None
+    method: str, checkpointing: bool, trainer: str
 ) -> None:
     from lorakit.models import ModelNotFoundError, load_causal_lm, locate
     from lorakit.train.loop import enable_gradient_checkpointing
