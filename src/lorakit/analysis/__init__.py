@@ -8,5 +8,6 @@
 - ``lorakit.analysis.spectrum``: energy rank, stable rank, Eckart–Young errors, low-rank SVD via QR.
 - ``lorakit.analysis.similarity``: subspace similarity φ(i, j) of two adapters (``compare_adapters``).
 - ``lorakit.analysis.weights``: lazy model folders and PEFT adapter folders.
-- ``lorakit.analysis.plots``: the PNGs (matplotlib, Agg canvas).
+- ``lorakit.analysis.sweep``: a package; one training run per rank and target set, tabulated (``run_sweep``).
+- ``lorakit.analysis.plots``: the rank and similarity PNGs (figures from ``lorakit.figures``).
 """
