@@ -13,7 +13,7 @@ import os
 import sys
 
 COMMANDS = ("demo", "train", "merge", "params", "memory", "rank", "similarity", "sweep",
-            "inspect", "check", "convert", "export-gguf")
+            "inspect", "check", "convert", "serve", "export-gguf")
 
 
 def build_parser() -> argparse.ArgumentParser:
