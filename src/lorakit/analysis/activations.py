@@ -8,11 +8,12 @@ sequence length, p the bytes of the compute dtype (2 for bf16/fp16, 4 for fp32).
 
 Two trainers are modelled. ``transformers``: a standard step, ``model(**batch, labels=...)`` with
 autograd's default saved tensors and the full logits. ``lorakit``: what ``lorakit train`` runs, the
-lean loss (``lorakit.train.loss``) and lean activations (``lorakit.recompute``; off under gradient
-checkpointing: a lorakit step under gradient checkpointing takes the first column but for the head):
+lean loss (``lorakit.train.loss``) and lean activations (``lorakit.train.lean_activations``; off
+under gradient checkpointing: a lorakit step under gradient checkpointing takes the first column but
+for the head):
 
 ============== ============================================== ===========================================
-part           transformers (autograd's defaults)             lean activations (``lorakit.recompute``)
+part           transformers (autograd's defaults)             lean activations (``train.lean_activations``)
 ============== ============================================== ===========================================
 2 × RMSNorm    x in fp32 (4h), 1/rms (4), and when the         x in the compute dtype (p·h) and 1/rms (4)
                weight trains x/rms in the compute dtype (p·h)
@@ -155,7 +156,8 @@ def block_activation_bytes(
     ``full``: every weight trains (every linear saves its input, norm weights train). Otherwise
     ``adapted`` lists the block's adapted linear layers (rank ``r``, dropout ``lora_dropout``).
     ``mask_bytes`` is the size of a dropout mask element (1: CUDA's bool mask). ``lean``: under
-    ``lorakit.recompute.LeanActivations`` (norm outputs, activation outputs and gated products rebuilt,
+    ``lorakit.train.lean_activations.LeanActivations`` (norm outputs, activation outputs and gated
+    products rebuilt,
     RMSNorm keeping x in the compute dtype and 1/rms only; see the module docstring).
     """
     p = dtype_bytes

@@ -18,7 +18,8 @@ activations  ``lorakit.analysis.activations``: per-block inventory × layers + t
 
 ``TrainingSetup.trainer`` picks whose step the activations describe: ``"lorakit"`` (the default, what
 ``lorakit train`` runs: the chunked fused loss of ``lorakit.train.loss``, never the full logits, and the
-lean activations of ``lorakit.recompute``, which the trainer turns off under gradient checkpointing) or
+lean activations of ``lorakit.train.lean_activations``, which the trainer turns off under gradient
+checkpointing) or
 ``"transformers"`` (a standard ``model(**batch, labels=...)`` step: autograd's default saved tensors and
 the full (batch, seq, vocab) logits). Weights, gradients and optimizer state do not depend on it.
 
