@@ -48,7 +48,11 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
     weight = module.weight
     data, state = weight.data, weight.quant_state
     if getattr(state, "packing_format_for_cpu", False):
-        data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, copy.copy(state))
+        state = copy.copy(state)
+        # Packing keeps the block scales unquantised (in bf16, as its kernel reads them); quantising them
+        # again on the way back would move the weight further from what the forward computes with.
+        state.original_nested = False
+        data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, state)
     return bnbf.dequantize_4bit(data, state).to(torch.float32)
 
 
@@ -93,9 +97,6 @@ class AdapterLayer(nn.Module):
         # What unmerge needs beyond the adapter itself, per merged adapter (DoRA: the norm at merge time).
         self.merge_memos: dict[str, torch.Tensor] = {}
         self.disabled = False
-        # A new wrapper takes the mode of the module it wraps: adapters added to a model in eval mode must
-        # not run dropout (two identical generate calls would differ).
-        self.train(base_layer.training)
 
     def __getattr__(self, name: str) -> Any:
         # Code written for the base module (`layer.weight`, `layer.in_features`) keeps working.
@@ -138,8 +139,8 @@ class AdapterLayer(nn.Module):
         """The new adapter's modules (dropout above all) take this layer's train / eval mode."""
         for prefix in (*ADAPTER_PARAMETER_PREFIXES, "lora_dropout"):
             container = self._modules.get(prefix)
-            if isinstance(container, nn.ModuleDict) and adapter_name in container:
-                container[adapter_name].train(self.training)
+            if container is not None and adapter_name in container:
+                container.train(self.training)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.merged_adapters:
@@ -560,7 +561,10 @@ class ModulesToSave(nn.Module):
 
 
 def wrap(module: nn.Module) -> AdapterLayer:
-    """A new, adapter-less LoRA wrapper for ``module``."""
-    if isinstance(module, nn.Embedding):
-        return LoraEmbedding(module)
-    return LoraLinear(module)
+    """A new, adapter-less LoRA wrapper for ``module``, in ``module``'s train / eval mode.
+
+    The mode matters: adapters added to a model in eval mode must not run dropout (two identical greedy
+    ``generate`` calls would differ), as PEFT's loaded adapters do not.
+    """
+    layer = LoraEmbedding(module) if isinstance(module, nn.Embedding) else LoraLinear(module)
+    return layer.train(module.training)
