@@ -19,7 +19,7 @@ FILES = 12
 # carrying the same version, then lets write_folder swap it into place.
 # The module is loaded from its file, not through `lorakit` (whose import pulls in torch): a writer then
 # starts in milliseconds and the kills land where the test means them to.
-WRITER = """
+WRITER = f"""
 import importlib.util, sys, time
 from pathlib import Path
 spec = importlib.util.spec_from_file_location("atomic", sys.argv[4])
@@ -28,12 +28,12 @@ spec.loader.exec_module(module)
 write_folder = module.write_folder
 target, version, pause = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3])
 def write(folder):
-    for i in range({files}):
+    for i in range({FILES}):
         (folder / f"part-{{i}}").write_text(version * 1000)
         time.sleep(pause)
 write_folder(target, write)
 print("done", flush=True)
-""".format(files=FILES)
+"""
 
 
 def _writer(target: Path, version: str, pause: float) -> subprocess.Popen:

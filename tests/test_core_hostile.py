@@ -1,4 +1,4 @@
-"""The core under realistic abuse (issue "reliability"): each test fails on the behaviour it guards against."""
+"""The core under realistic abuse: each test fails on the behaviour it guards against."""
 
 from __future__ import annotations
 
@@ -176,7 +176,8 @@ def _nf4_linear(features: int = 64) -> nn.Module:
     dense = nn.Linear(features, features, bias=False)
     layer = bitsandbytes.nn.Linear4bit(features, features, bias=False, quant_type="nf4",
                                        compute_dtype=torch.bfloat16)
-    layer.weight = bitsandbytes.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    layer.weight = bitsandbytes.nn.Params4bit(dense.weight.data.clone(), requires_grad=False,
+                                              quant_type="nf4")
     return layer.to("cpu")
 
 
@@ -190,13 +191,14 @@ def test_dequantized_weight_leaves_the_4bit_module_as_it_is() -> None:
     with torch.no_grad():
         model(x)  # bitsandbytes may repack the weight for its CPU kernel here (bf16 block scales)
     layer = model[0].base_layer
-    data, flag = layer.weight.data.data_ptr(), getattr(layer.weight.quant_state, "packing_format_for_cpu", None)
+    packed = getattr(layer.weight.quant_state, "packing_format_for_cpu", None)
+    data = layer.weight.data.data_ptr()
     weights = []
     with torch.no_grad():
         for _ in range(3):
             model(x)  # a DoRA forward reads the dense weight: it must not undo the packing
             weights.append(dequantize_weight(layer))
     assert layer.weight.data.data_ptr() == data
-    assert getattr(layer.weight.quant_state, "packing_format_for_cpu", None) == flag
+    assert getattr(layer.weight.quant_state, "packing_format_for_cpu", None) == packed
     assert all(torch.equal(w, weights[0]) for w in weights)
     assert torch.allclose(weights[0], canonical, rtol=1e-2, atol=1e-3)  # bf16 block scales at most
