@@ -18,6 +18,7 @@ before the model is touched.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -51,6 +52,8 @@ from lorakit.peft_format import (
     read_adapter_tensors,
 )
 from lorakit.registry import adapter_configs, adapter_layers
+
+logger = logging.getLogger(__name__)
 
 # --- public API ----------------------------------------------------------------------------------------
 
@@ -232,7 +235,13 @@ def _present_targets_only(model: nn.Module, config: LoraConfig) -> LoraConfig:
     names = [name for name, _ in model.named_modules()]
     matched = entries_matched(names, config.target_modules)
     present = [entry for entry in config.target_modules if entry in matched]
-    return config.replace(target_modules=present) if present else config
+    if not present:
+        return config
+    dropped = [entry for entry in config.target_modules if entry not in matched]
+    if dropped:
+        logger.info("adapter config's target_modules entries %s name no module of this %s; ignored (as PEFT "
+                    "does)", dropped, type(model).__name__)
+    return config.replace(target_modules=present)
 
 
 def _adapted_modules(model: nn.Module, adapter_name: str) -> list[str]:

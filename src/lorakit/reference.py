@@ -1,7 +1,10 @@
-"""NumPy reference implementations of the LoRA layers: an independent oracle for the tests.
+"""NumPy reference implementations of the LoRA layers, public: the maths of LoRA in a page.
 
-Everything here is written out by hand from the formulas, with no torch and no autograd, so a test that
-compares `lorakit.layers` against these functions checks the maths rather than lorakit against itself.
+This module is part of lorakit's public API (``lorakit.reference``), for two readers: someone learning
+what a LoRA layer computes, and a test that needs an independent oracle. The forward and the backward of
+LoRA, DoRA and the embedding variant are written out by hand from the formulas, with no torch and no
+autograd (the backward is derived, not traced), so comparing `lorakit.layers` against these functions
+checks the maths rather than lorakit against itself. docs/core.md walks through them.
 
 Shapes (n rows of input):
 
