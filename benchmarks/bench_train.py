@@ -11,7 +11,7 @@ when only a response is labelled.
 - **lorakit**: ``lorakit.inject`` (or the plain model for full fine-tuning), the trainer's ``LossModule``
   (``causal_lm_loss_sum``: logits only at labelled positions, 512 rows at a time, through the fused
   head + cross-entropy that computes its gradients in forward) and its default lean activations
-  (``lorakit.recompute.LeanActivations`` around the forward), divided by the label count, exactly as
+  (``lorakit.train.lean_activations.LeanActivations`` around the forward), divided by the label count, exactly as
   ``lorakit.train`` does.
 - **peft**: ``peft.get_peft_model`` (or the plain model) and ``model(input_ids=..., labels=...).loss``, the
   standard transformers loss; the output is dropped before backward, as HF's Trainer does.
@@ -72,7 +72,7 @@ from torch import nn
 import lorakit
 from lorakit.analysis.measure import LiveTensorTracker
 from lorakit.models import load_causal_lm
-from lorakit.recompute import LeanActivations
+from lorakit.train.lean_activations import LeanActivations
 from lorakit.train.loss import IGNORE_INDEX, LossModule, count_label_tokens
 
 MODEL = "smollm2-135m-instruct"

@@ -202,3 +202,25 @@ def test_dequantized_weight_leaves_the_4bit_module_as_it_is() -> None:
     assert getattr(layer.weight.quant_state, "packing_format_for_cpu", None) == packed
     assert all(torch.equal(w, weights[0]) for w in weights)
     assert torch.allclose(weights[0], canonical, rtol=1e-2, atol=1e-3)  # bf16 block scales at most
+
+
+def test_the_cli_shows_library_warnings_and_logs(capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    from lorakit.cli import main
+    from lorakit.peft_format import lora_config_from_peft
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+    logger = logging.getLogger("lorakit")
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "level", logger.level)
+    main.show_library_messages()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        # raised inside lorakit (the reader of adapter configs), as a command meets it
+        lora_config_from_peft({"peft_type": "LORA", "r": 4, "a_field_from_the_future": 1})
+    logging.getLogger("lorakit.adapter_files").info("a note for the user")
+    err = capsys.readouterr().err
+    assert "lorakit: warning: LoraConfig fields lorakit does not know were ignored" in err
+    assert "lorakit: a note for the user" in err
