@@ -177,27 +177,54 @@ def test_no_python_loop_over_rows_or_adapters_in_the_layer_hot_path(monkeypatch)
     assert small == large == {"batched products": 2 * linear + embedding, "lookups": 0}
 
 
-def test_stacks_are_reused_until_a_weight_changes():
+def test_every_edit_between_blocks_is_seen_even_through_data():
+    """Stacks are built per block: an edit that bumps no version counter (``.data``) is not missed."""
     model = _llama_with_five_adapters()
-    names = ["a", "b", None]
-    ids = token_ids(batch=3)
+    names = ["a", "b", "d", None]
+    ids = token_ids(batch=4)
     layer = model.model.layers[0].self_attn.q_proj
-    with torch.no_grad():
-        with lorakit.adapter_per_row(model, names):
-            first_stack = route_of(layer).lora_B
-        with lorakit.adapter_per_row(model, names):
-            assert route_of(layer).lora_B is first_stack  # nothing changed: the stacks are reused
-        # an in-place update, as an optimizer step makes it
-        layer.lora_B["b"].weight.mul_(3.0)
-        with lorakit.adapter_per_row(model, names):
-            assert route_of(layer).lora_B is not first_stack
-            mixed = model(ids).logits
-    torch.testing.assert_close(mixed[1:2], _alone(model, "b", ids[1:2]), rtol=0, atol=1e-5)
-    # a new tensor in place of the old one
-    layer.lora_A["a"].weight = nn.Parameter(layer.lora_A["a"].weight.detach() * 2.0)
-    with torch.no_grad(), lorakit.adapter_per_row(model, names):
-        mixed = model(ids).logits
-    torch.testing.assert_close(mixed[:1], _alone(model, "a", ids[:1]), rtol=0, atol=1e-5)
+    edits = [
+        lambda: layer.lora_B["b"].weight.data.mul_(3.0),                                   # no version bump
+        lambda: layer.lora_A["a"].weight.mul_(2.0).requires_grad_(True),                  # in place
+        lambda: setattr(layer.lora_A["a"], "weight", nn.Parameter(layer.lora_A["a"].weight.detach() / 3)),
+        lambda: layer.lora_magnitude_vector["d"].weight.data.mul_(1.5),                   # DoRA magnitude
+        lambda: layer.base_layer.weight.data.add_(0.1),                    # the base (in the DoRA norm)
+    ]
+    for edit in edits:
+        with torch.no_grad():
+            edit()
+            with lorakit.adapter_per_row(model, names):
+                mixed = model(ids).logits
+        for i, name in enumerate(names):
+            alone = _alone(model, name, ids[i : i + 1])
+            torch.testing.assert_close(mixed[i : i + 1], alone, rtol=0, atol=1e-5)
+
+
+def test_changing_adapters_inside_a_block_raises(tmp_path):
+    model = _llama_with_five_adapters()
+    lorakit.save_adapter(model, tmp_path / "a", adapter_name="a")
+    lorakit.set_adapter(model, "a")
+    with lorakit.adapter_per_row(model, ["a", "b"]):
+        for action in (lambda: lorakit.merge(model), lambda: lorakit.unmerge(model),
+                       lambda: lorakit.delete_adapter(model, "b"),
+                       lambda: lorakit.load_adapter(model, tmp_path / "a", adapter_name="again")):
+            with pytest.raises(RuntimeError, match="mixed-adapter batch"):
+                action()
+    assert "b" in lorakit.adapter_configs(model) and "again" not in lorakit.adapter_configs(model)
+    lorakit.merge(model)  # fine again after the block
+
+
+def test_stacks_live_only_as_long_as_the_block():
+    import gc
+    import weakref
+
+    model = _llama_with_five_adapters()
+    layer = model.model.layers[0].self_attn.q_proj
+    with lorakit.adapter_per_row(model, ["a", "b"]):
+        stack = weakref.ref(route_of(layer).lora_B)
+    gc.collect()
+    assert stack() is None  # nothing keeps the block's stacks (no module-level cache)
+    assert not hasattr(layer, "row_plan")
 
 
 def test_blocks_do_not_nest_and_state_is_cleared_on_exit():

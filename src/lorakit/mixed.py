@@ -1,27 +1,27 @@
 """Mixed-adapter batches: each row of a batch goes through its own adapter (or none) in one forward pass.
 
-On entering `adapter_per_row`, every LoRA layer stacks the A and B of the adapters in use, zero-padded to
-the largest rank, with the scaling folded into B, plus one all-zero slot for rows without an adapter:
+`AdapterPool` is the one owner of stacked adapter weights, here and in the serving engine
+(`lorakit.serve`). `adapter_per_row` builds one for the adapters the block uses: per LoRA layer, slot 0 is all
+zeros (rows without an adapter) and slot i holds the i-th adapter, zero-padded to the largest rank of the
+layer's adapters in use, with the scaling folded into B:
 
-    A_stack (n + 1, r_max, in)      B_stack (n + 1, out, r_max)
+    A_stack (n + 1, r_max, in)      s·B_stack (n + 1, out, r_max)      DoRA factor m/‖W + sBA‖ (n + 1, out)
 
-A forward pass gathers the stack at each row's slot and runs two batched products, so rows of different
-adapters (and ranks) share one pass with no Python loop over rows or adapters (the S-LoRA / Punica idea).
-Zero padding is exact: the padded rank directions contribute 0.
+Every layer gets a route (`lorakit.routing`) that gathers each row's slot and runs two batched products,
+so rows of different adapters and ranks share one pass with no Python loop over rows or adapters (the
+S-LoRA / Punica idea). Zero padding is exact.
 
-The stacks are snapshots for inference (no dropout, no gradients). Each layer keeps its last stacks after
-the block and reuses them in the next block over the same adapters, as long as none of the layer's
-tensors changed: a serving loop pays for the stacking once. Any in-place update (an optimizer step,
-``load_state_dict``, ``copy_``) bumps a tensor's version counter and a moved or reassigned tensor has a
-new address, so the fingerprint (address, version) of every parameter of the layer catches all of them.
-The cost is one extra copy of the A and B of the adapters in use (and a reference to the tensors they
-came from), kept until the layer's next mixed batch stacks something else or the layer is freed.
+The stacks are built on entry to every block and dropped on exit: nothing is cached between blocks, so no
+edit of the weights (an optimizer step, ``load_state_dict``, even a ``.data`` write that bumps no version
+counter) can leave a later block computing with stale stacks. Inside a block the stacks are a snapshot:
+``merge``/``unmerge``/``load_adapter``/``delete_adapter`` raise there (the model checks for routes). The
+cost of entry is one copy of the used adapters' A and B; a caller that runs many steps (``generate``, a
+serving loop) pays it once per block.
 """
 
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,37 +35,186 @@ from lorakit.registry import adapter_configs, adapter_layers
 from lorakit.routing import clear_route, routed, set_route
 
 
-@dataclass
-class RowPlan:
-    """What one layer needs for a mixed batch.
+@dataclass(frozen=True)
+class SlotWeights:
+    """One module's update for one slot, ready to be written (fp32 or the adapter's dtype).
 
     Attributes:
-        rows: (batch,) slot of each row; slot n (the last) is "no adapter".
-        lora_A: (n + 1, r_max, in) for linear layers; (n + 1, num_embeddings, r_max) for embeddings.
-        lora_B: (n + 1, out, r_max), scaling folded in.
-        dora_factor: (n + 1, out) m / ||W + sBA|| per slot (1 for non-DoRA slots), or None without DoRA.
+        lora_A: (r, in) for a linear module; (r, num_embeddings) for an embedding.
+        lora_B: (out, r) with the scaling (and any combination weight) folded in.
+        dora_factor: (out,) m / ||W + s·B·A||_row for a DoRA adapter, else None.
     """
 
-    rows: torch.Tensor
     lora_A: torch.Tensor
     lora_B: torch.Tensor
     dora_factor: torch.Tensor | None = None
 
-    def forward(self, layer: AdapterLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if isinstance(layer, LoraEmbedding):
-            return mixed_embedding_forward(layer, self, x, *args, **kwargs)
-        return mixed_linear_forward(layer, self, x, *args, **kwargs)
+    @property
+    def r(self) -> int:
+        return int(self.lora_A.shape[0])
 
 
-@dataclass
-class CopyRowPlan:
-    """What a `ModulesToSave` needs for a mixed batch: each row's slot in ``slots`` (``len(slots)``: none)."""
+class SlotRoute:
+    """The stacked slots of one module and the mixed forward pass over them.
 
-    rows: torch.Tensor
-    slots: list[str]
+    ``kind`` is ``"linear"`` (x (batch, ..., in) -> (batch, ..., out)) or ``"embedding"``
+    (ids (batch, ...) -> (batch, ..., dim)). Rows come from the owning pool at forward time.
+    """
+
+    def __init__(self, pool: AdapterPool, kind: str, in_features: int, out_features: int,
+                 n_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.pool, self.kind, self.max_rank = pool, kind, max_rank
+        self.in_features, self.out_features = in_features, out_features
+        if kind == "embedding":
+            self.lora_A = torch.zeros(n_slots, in_features, max_rank, dtype=dtype, device=device)
+        else:
+            self.lora_A = torch.zeros(n_slots, max_rank, in_features, dtype=dtype, device=device)
+        self.lora_B = torch.zeros(n_slots, out_features, max_rank, dtype=dtype, device=device)
+        # Allocated on the first DoRA adapter written here (ones: a factor of 1 leaves a row unchanged).
+        self.dora_factor: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def write(self, slot: int, weights: SlotWeights | None) -> None:
+        """Put ``weights`` in ``slot`` (None: zeros, so the slot leaves this module unchanged).
+
+        ``weights`` may be on another device or in another dtype; they are copied into the stacks.
+        """
+        self.lora_A[slot].zero_()
+        self.lora_B[slot].zero_()
+        if self.dora_factor is not None:
+            self.dora_factor[slot] = 1.0
+        if weights is None:
+            return
+        r = weights.r
+        if self.kind == "embedding":
+            self.lora_A[slot, :, :r] = weights.lora_A.T
+        else:
+            self.lora_A[slot, :r] = weights.lora_A
+        self.lora_B[slot, :, :r] = weights.lora_B
+        if weights.dora_factor is not None:
+            if self.dora_factor is None:
+                self.dora_factor = self.lora_B.new_ones(self.lora_B.shape[0], self.out_features)
+            self.dora_factor[slot] = weights.dora_factor
+
+    def forward(self, layer: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = layer.base_layer(x, *args, **kwargs)
+        rows = self.pool.rows_for(x.shape[0])
+        if rows is None or getattr(layer, "disabled", False):
+            return result
+        rows = rows.to(self.lora_B.device)
+        if self.kind == "embedding":
+            flat = x.reshape(x.shape[0], -1)                                          # (b, t)
+            hidden = self.lora_A[rows[:, None], flat]                                 # (b, t, R)
+            delta = torch.bmm(hidden, self.lora_B[rows].transpose(1, 2))              # (b, t, dim)
+            return result + delta.view(result.shape).to(result.dtype)
+        tokens = x.reshape(x.shape[0], -1, x.shape[-1]).to(self.lora_A.dtype)       # (b, t, in)
+        hidden = torch.bmm(tokens, self.lora_A[rows].transpose(1, 2))                # (b, t, R)
+        lora_B = self.lora_B[rows].transpose(1, 2)                                   # (b, R, out)
+        if self.dora_factor is None and result.dtype == hidden.dtype and result.is_contiguous():
+            # The base output is a fresh tensor nothing else holds: accumulate into it in place.
+            result.view(hidden.shape[0], hidden.shape[1], -1).baddbmm_(hidden, lora_B)
+            return result
+        delta = torch.bmm(hidden, lora_B)                                            # (b, t, out)
+        if self.dora_factor is not None:
+            factor = self.dora_factor[rows][:, None, :]                               # (b, 1, out)
+            bias = getattr(layer.base_layer, "bias", None)
+            base_no_bias = result.reshape(delta.shape).to(delta.dtype)
+            if bias is not None:
+                base_no_bias = base_no_bias - bias.to(delta.dtype)
+            delta = (factor - 1) * base_no_bias + factor * delta
+        return result + delta.view(result.shape).to(result.dtype)
+
+
+class AdapterPool:
+    """``max_loras`` adapter slots (plus slot 0, the base model) for the modules of one model.
+
+    Routes are added per module (`add_route`), by the engine on first use, so a module no adapter
+    targets costs nothing. ``dtype`` is the stacks' dtype (fp32 next to a bf16/fp16 base, as lorakit's
+    adapters).
+    """
+
+    def __init__(self, max_loras: int, max_rank: int, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
+        if max_loras < 1 or max_rank < 1:
+            raise ValueError(f"max_loras and max_rank must be >= 1, got {max_loras} and {max_rank}")
+        self.max_loras, self.max_rank = max_loras, max_rank
+        self.dtype, self.device = dtype, torch.device(device)
+        self.routes: dict[str, SlotRoute] = {}
+        self._rows: torch.Tensor | None = None
+
+    @property
+    def n_slots(self) -> int:
+        return self.max_loras + 1
+
+    def add_route(self, name: str, kind: str, in_features: int, out_features: int, *,
+                  max_rank: int | None = None, dtype: torch.dtype | None = None,
+                  device: torch.device | None = None) -> SlotRoute:
+        """A new route for module ``name``; rank, dtype and device default to the pool's."""
+        route = SlotRoute(self, kind, in_features, out_features, self.n_slots, max_rank or self.max_rank,
+                          dtype or self.dtype, device or self.device)
+        self.routes[name] = route
+        return route
+
+    def write(self, slot: int, weights: dict[str, SlotWeights]) -> None:
+        """Fill ``slot`` (1..max_loras) with ``weights`` by module name; every other module gets zeros there.
+
+        Raises:
+            ValueError: slot 0 or out of range, a module without a route, or a rank above ``max_rank``.
+        """
+        if not 1 <= slot <= self.max_loras:
+            raise ValueError(f"slot must be in 1..{self.max_loras}, got {slot}")
+        for name, item in weights.items():
+            if name not in self.routes:
+                raise ValueError(f"module {name!r} has no slot route; add_route first")
+            if item.r > self.routes[name].max_rank:
+                raise ValueError(f"module {name!r} has rank {item.r} above the pool's max rank "
+                                 f"{self.routes[name].max_rank}")
+        for name, route in self.routes.items():
+            route.write(slot, weights.get(name))
+
+    def clear(self, slot: int) -> None:
+        for route in self.routes.values():
+            route.write(slot, None)
+
+    def set_rows(self, rows: torch.Tensor | None) -> None:
+        """The slot of each row of the next forward passes: (batch,) int64, or None for the base model."""
+        self._rows = None if rows is None else rows.to(self.device)
+
+    def rows_for(self, batch: int) -> torch.Tensor | None:
+        rows = self._rows
+        if rows is not None and rows.numel() != batch:
+            raise ValueError(f"{rows.numel()} names were given (one slot per row) but the batch has "
+                             f"{batch} rows "
+                             "(beam search and num_return_sequences > 1 change the batch size)")
+        return rows
+
+    def nbytes(self) -> int:
+        """Bytes held by the stacks."""
+        total = 0
+        for route in self.routes.values():
+            for stack in (route.lora_A, route.lora_B, route.dora_factor):
+                if stack is not None:
+                    total += stack.numel() * stack.element_size()
+        return total
+
+
+class CopyRoute:
+    """A `ModulesToSave` in a mixed batch: each distinct copy runs once over the batch, rows pick theirs.
+
+    Whole-module copies (typically a small classifier head) cannot be stacked like A and B.
+    """
+
+    def __init__(self, pool: AdapterPool, slots: list[str]) -> None:
+        self.pool, self.slots = pool, slots
 
     def forward(self, wrapper: ModulesToSave, *args: Any, **kwargs: Any) -> Any:
-        return mixed_modules_to_save_forward(wrapper, self, *args, **kwargs)
+        if wrapper.disabled:
+            return wrapper.original_module(*args, **kwargs)
+        copies = dict(wrapper.modules_to_save.items())
+        modules = [wrapper.original_module, *(copies.get(n, wrapper.original_module) for n in self.slots)]
+        outputs = torch.stack([module(*args, **kwargs) for module in modules])      # (n + 1, b, ...)
+        rows = self.pool.rows_for(outputs.shape[1]).to(outputs.device)
+        return outputs[rows, torch.arange(outputs.shape[1], device=outputs.device)]
 
 
 @contextlib.contextmanager
@@ -78,163 +227,64 @@ def adapter_per_row(model: nn.Module, adapter_names: Sequence[str | None]) -> It
     Raises:
         ValueError: an unknown adapter name, or an adapter is merged into the base (unmerge first); at
             forward time, a batch whose size is not ``len(adapter_names)``.
-        RuntimeError: the block is nested inside another ``adapter_per_row`` block.
+        RuntimeError: the block is nested inside another ``adapter_per_row`` block (or a serving engine).
     """
     slots = list(dict.fromkeys(name for name in adapter_names if name is not None))
     known = adapter_configs(model)
     for name in slots:
         if name not in known:
             raise ValueError(f"no adapter named {name!r}; the model has {sorted(known)}")
-    layers = [layer for _, layer in adapter_layers(model)]
-    if routed(layers):
+    layers = list(adapter_layers(model))
+    if routed(layer for _, layer in layers):
         raise RuntimeError("adapter_per_row blocks do not nest: leave the outer block first")
-    for layer in layers:
+    for _, layer in layers:
         if isinstance(layer, AdapterLayer) and layer.merged_adapters:
             raise ValueError(f"adapters {layer.merged_adapters} are merged into the base weights; unmerge() "
                              "before running a mixed-adapter batch")
-    rows = torch.tensor([slots.index(n) if n is not None else len(slots) for n in adapter_names])
+    pool = AdapterPool(max(len(slots), 1), 1)
+    routes = {}
+    with torch.no_grad():
+        for name, layer in layers:
+            routes[layer] = CopyRoute(pool, slots) if isinstance(layer, ModulesToSave) else \
+                _stacked_route(pool, name, layer, slots)
+    pool.set_rows(torch.tensor([slots.index(n) + 1 if n is not None else 0 for n in adapter_names]))
+    entered = []
     try:
-        with torch.no_grad():
-            for layer in layers:
-                set_route(layer, _plan(layer, slots, rows))
+        for layer, route in routes.items():
+            set_route(layer, route)
+            entered.append(layer)
         yield
     finally:
-        for layer in layers:
+        for layer in entered:
             clear_route(layer)
 
 
-def _plan(layer: AdapterLayer | ModulesToSave, slots: list[str], rows: torch.Tensor) -> RowPlan | CopyRowPlan:
-    if isinstance(layer, ModulesToSave):
-        return CopyRowPlan(rows, slots)
-    names = [name if name in layer.r else None for name in slots] + [None]
-    key = _fingerprint(layer, names)
-    cached = _STACKS.get(layer)
-    if key is not None and cached is not None and cached[0] == key:
-        stacks = cached[1]
+def _stacked_route(pool: AdapterPool, name: str, layer: AdapterLayer, slots: list[str]):
+    """The route of one LoRA layer with slot i + 1 holding adapter ``slots[i]`` (zeros where it is absent)."""
+    used = [n for n in slots if n in layer.r]
+    r_max = max((layer.r[n] for n in used), default=1)
+    if isinstance(layer, LoraEmbedding):
+        reference = next(iter(layer.lora_embedding_A.values()))
+        base = layer.base_layer
+        route = pool.add_route(name, "embedding", base.num_embeddings, base.embedding_dim, max_rank=r_max,
+                               dtype=reference.dtype, device=reference.device)
     else:
-        build = _embedding_stacks if isinstance(layer, LoraEmbedding) else _linear_stacks
-        stacks = build(layer, names)
-        if key is not None:
-            # The detached views pin the storages the key points at, so no later tensor can reuse one of
-            # those addresses and pass for the old one.
-            _STACKS[layer] = (key, stacks, [p.detach() for p in layer.parameters()])
-    return RowPlan(rows.to(stacks[0].device), *stacks)
+        reference = next(iter(layer.lora_A.values())).weight
+        route = pool.add_route(name, "linear", layer.in_features, layer.out_features, max_rank=r_max,
+                               dtype=reference.dtype, device=reference.device)
+    for slot, adapter in enumerate(slots, start=1):
+        if adapter in layer.r:
+            route.write(slot, _slot_weights(layer, adapter, reference.dtype))
+    return route
 
 
-# layer -> (fingerprint, stacks, pinned tensors) of its last mixed batch; entries go with their layer.
-_STACKS: weakref.WeakKeyDictionary[AdapterLayer, tuple[tuple, tuple, list]] = weakref.WeakKeyDictionary()
-
-
-def _fingerprint(layer: AdapterLayer, names: list[str | None]) -> tuple | None:
-    """What the stacks of ``layer`` depend on; None when it cannot be known (then nothing is cached)."""
-    try:
-        tensors = tuple((p.data_ptr(), p._version) for p in layer.parameters())
-    except RuntimeError:  # tensors created under torch.inference_mode() have no version counter
-        return None
-    scalings = tuple(layer.scaling[n] for n in names if n is not None)
-    # Stacks built under inference_mode are inference tensors, unusable where autograd records.
-    return tuple(names), scalings, tensors, torch.is_inference_mode_enabled()
-
-
-def _linear_stacks(layer: LoraLinear, names: list[str | None]) -> tuple[torch.Tensor, ...]:
-    """A (n+1, r_max, in), s·B (n+1, out, r_max) and the DoRA factor (n+1, out) or None."""
-    r_max = max([layer.r[n] for n in names if n is not None], default=1)
-    reference = layer.lora_A[layer.adapter_names[0]].weight
-    lora_A = reference.new_zeros(len(names), r_max, layer.in_features)
-    lora_B = reference.new_zeros(len(names), layer.out_features, r_max)
-    dora_factor = None
-    if any(n in layer.lora_magnitude_vector for n in names if n is not None):
-        dora_factor = reference.new_ones(len(names), layer.out_features)
-        weight = layer._dense_weight().to(reference.dtype)
-    for slot, name in enumerate(names):
-        if name is None:
-            continue
-        r = layer.r[name]
-        lora_A[slot, :r] = layer.lora_A[name].weight
-        lora_B[slot, :, :r] = layer.scaling[name] * layer.lora_B[name].weight
-        if name in layer.lora_magnitude_vector:
-            norm = row_norm(weight, layer.delta_weight(name))
-            dora_factor[slot] = layer.lora_magnitude_vector[name].weight / norm
-    return lora_A, lora_B, dora_factor
-
-
-def _embedding_stacks(layer: LoraEmbedding, names: list[str | None]) -> tuple[torch.Tensor, ...]:
-    """Aᵀ (n+1, num_embeddings, r_max) and s·B (n+1, dim, r_max)."""
-    r_max = max([layer.r[n] for n in names if n is not None], default=1)
-    reference = layer.lora_embedding_A[layer.adapter_names[0]]
-    base = layer.base_layer
-    lora_A = reference.new_zeros(len(names), base.num_embeddings, r_max)
-    lora_B = reference.new_zeros(len(names), base.embedding_dim, r_max)
-    for slot, name in enumerate(names):
-        if name is None:
-            continue
-        r = layer.r[name]
-        lora_A[slot, :, :r] = layer.lora_embedding_A[name].T
-        lora_B[slot, :, :r] = layer.scaling[name] * layer.lora_embedding_B[name]
-    return lora_A, lora_B, None
-
-
-def _check_batch(plan: RowPlan | CopyRowPlan, batch: int) -> torch.Tensor:
-    rows = plan.rows
-    if batch != rows.numel():
-        raise ValueError(f"adapter_per_row was given {rows.numel()} names (one per row) but the batch has "
-                         f"{batch} rows (beam search and num_return_sequences > 1 change the batch size)")
-    return rows
-
-
-def mixed_linear_forward(
-    layer: LoraLinear, plan: RowPlan, x: torch.Tensor, *args: Any, **kwargs: Any
-) -> torch.Tensor:
-    """x (batch, ..., in) -> (batch, ..., out), row b adapted by its slot's A and B."""
-    result = layer.base_layer(x, *args, **kwargs)
-    rows = _check_batch(plan, x.shape[0])
-    if layer.disabled:
-        return result
-    tokens = x.reshape(x.shape[0], -1, x.shape[-1]).to(plan.lora_A.dtype)       # (b, t, in)
-    hidden = torch.bmm(tokens, plan.lora_A[rows].transpose(1, 2))                  # (b, t, r_max)
-    lora_B = plan.lora_B[rows].transpose(1, 2)                                     # (b, r_max, out)
-    if plan.dora_factor is None and result.dtype == hidden.dtype and result.is_contiguous():
-        # Accumulate into the fresh base output in place, as LoraLinear.forward does (see there).
-        result.view(hidden.shape[0], hidden.shape[1], -1).baddbmm_(hidden, lora_B)
-        return result
-    delta = torch.bmm(hidden, lora_B)                                              # (b, t, out)
-    if plan.dora_factor is not None:
-        factor = plan.dora_factor[rows][:, None, :]                                 # (b, 1, out)
-        bias = layer.base_layer.bias
-        base_no_bias = result.reshape(delta.shape).to(delta.dtype)
-        if bias is not None:
-            base_no_bias = base_no_bias - bias.to(delta.dtype)
-        delta = (factor - 1) * base_no_bias + factor * delta
-    return result + delta.view(result.shape).to(result.dtype)
-
-
-def mixed_embedding_forward(
-    layer: LoraEmbedding, plan: RowPlan, ids: torch.Tensor, *args: Any, **kwargs: Any
-) -> torch.Tensor:
-    """ids (batch, ...) -> (batch, ..., dim), row b adapted by its slot's A and B."""
-    result = layer.base_layer(ids, *args, **kwargs)
-    rows = _check_batch(plan, ids.shape[0])
-    if layer.disabled:
-        return result
-    flat = ids.reshape(ids.shape[0], -1)                                            # (b, t)
-    hidden = plan.lora_A[rows[:, None], flat]                                      # (b, t, r_max)
-    delta = torch.bmm(hidden, plan.lora_B[rows].transpose(1, 2))                   # (b, t, dim)
-    return result + delta.view(result.shape).to(result.dtype)
-
-
-def mixed_modules_to_save_forward(
-    wrapper: ModulesToSave, plan: CopyRowPlan, *args: Any, **kwargs: Any
-) -> Any:
-    """Each row takes the output of its adapter's copy of the module (the original for rows without one).
-
-    Whole-module copies (typically a small classifier head) cannot be stacked like A and B, so each
-    distinct copy runs once over the batch and rows pick their own output.
-    """
-    if wrapper.disabled:
-        return wrapper.original_module(*args, **kwargs)
-    copies = dict(wrapper.modules_to_save.items())
-    modules = [copies.get(n, wrapper.original_module) for n in plan.slots]
-    modules.append(wrapper.original_module)  # the slot of rows without an adapter
-    outputs = torch.stack([module(*args, **kwargs) for module in modules])            # (k, b, ...)
-    rows = _check_batch(plan, outputs.shape[1]).to(outputs.device)
-    return outputs[rows, torch.arange(outputs.shape[1], device=outputs.device)]
+def _slot_weights(layer: AdapterLayer, name: str, dtype: torch.dtype) -> SlotWeights:
+    scaling = layer.scaling[name]
+    if isinstance(layer, LoraEmbedding):
+        return SlotWeights(layer.lora_embedding_A[name], scaling * layer.lora_embedding_B[name])
+    assert isinstance(layer, LoraLinear)
+    factor = None
+    if name in layer.lora_magnitude_vector:
+        norm = row_norm(layer._dense_weight().to(dtype), layer.delta_weight(name))
+        factor = layer.lora_magnitude_vector[name].weight / norm
+    return SlotWeights(layer.lora_A[name].weight, scaling * layer.lora_B[name].weight, factor)

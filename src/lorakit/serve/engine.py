@@ -37,7 +37,7 @@ from lorakit.serve.adapters import (
     parse_combination,
 )
 from lorakit.serve.errors import ServeError
-from lorakit.serve.pool import AdapterPool, SlotModule
+from lorakit.serve.pool import AdapterPool, SlotModule, module_shape
 from lorakit.serve.requests import Event, Request
 from lorakit.serve.sampling import find_stop, held_back, sample_token
 from lorakit.serve.scheduler import PaddedBatch, SlotTable
@@ -347,7 +347,7 @@ class Engine:
         if name in self.pool.routes:
             return
         module = self.modules[name]
-        route = self.pool.route_for(name, module)
+        route = self.pool.add_route(name, *module_shape(module))
         parent_name, _, child = name.rpartition(".")
         setattr(self.model.get_submodule(parent_name), child, SlotModule(module, route))
 
