@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import save_file
 
 from lorakit.analysis import rank, spectrum
-from lorakit.analysis.weights import load_adapter_folder, lora_scaling
 from lorakit.cli import rank as rank_cli
+from lorakit.peft_format import load_adapter_folder
+from lorakit.peft_format import module_scaling as lora_scaling
 
 PREFIX = "base_model.model."
 

@@ -7,7 +7,7 @@
 - ``lorakit.analysis.rank``: per-layer SVD of a fine-tuning update (``analyse_rank``, ``write_rank_report``).
 - ``lorakit.analysis.spectrum``: energy rank, stable rank, Eckart–Young errors, low-rank SVD via QR.
 - ``lorakit.analysis.similarity``: subspace similarity φ(i, j) of two adapters (``compare_adapters``).
-- ``lorakit.analysis.weights``: lazy model folders and PEFT adapter folders.
+- model folders are read lazily by ``lorakit.models.folder``, adapter folders by ``lorakit.peft_format``.
 - ``lorakit.analysis.sweep``: a package; one training run per rank and target set, tabulated (``run_sweep``).
 - ``lorakit.analysis.plots``: the rank and similarity PNGs (figures from ``lorakit.figures``).
 """

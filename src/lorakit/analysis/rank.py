@@ -23,15 +23,8 @@ from typing import Literal
 import torch
 
 from lorakit.analysis import spectrum
-from lorakit.analysis.weights import (
-    Adapter,
-    LoraPair,
-    ModelFolder,
-    is_adapter_folder,
-    load_adapter_folder,
-    resolve_base_name,
-    resolve_name,
-)
+from lorakit.models.folder import ModelFolder, resolve_base_name, resolve_name
+from lorakit.peft_format import Adapter, LoraPair, is_adapter_folder, load_adapter_folder
 
 # singular values kept per layer in the JSON: enough for every plot, bounded for 4096-wide layers
 JSON_SINGULAR_VALUES = 256

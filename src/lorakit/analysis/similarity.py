@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-from lorakit.analysis.weights import load_adapter_folder
+from lorakit.peft_format import load_adapter_folder
 
 
 def subspace_basis(matrix: torch.Tensor, side: Literal["A", "B"] = "A") -> torch.Tensor:

@@ -1,18 +1,7 @@
-"""Read model folders and PEFT adapter folders for analysis, one tensor at a time.
+"""The tensors of a model folder (one or more ``*.safetensors`` files), opened lazily.
 
-The analysis commands compare checkpoints that may be far larger than memory, so a model folder is
-opened lazily (``safetensors.safe_open``) and tensors are read by name only when they are analysed.
-An adapter folder is small (A and B only) and is read whole.
-
-Adapter folders are read by `lorakit.peft_format` (re-exported here); the on-disk adapter layout is PEFT's:
-
-    adapter_config.json                 r, lora_alpha, use_rslora, rank_pattern, alpha_pattern, ...
-    adapter_model.safetensors           base_model.model.<path>.lora_A.weight        (r, in)
-                                        base_model.model.<path>.lora_B.weight        (out, r)
-                                        base_model.model.<path>.lora_embedding_A     (r, num_embeddings)
-                                        base_model.model.<path>.lora_embedding_B     (embedding_dim, r)
-                                        base_model.model.<path>.lora_magnitude_vector (out,)   DoRA only
-                                        base_model.model.<path>.weight               modules_to_save copies
+Analysis and export compare checkpoints that may be far larger than memory, so a folder is opened with
+``safetensors.safe_open`` and tensors are read by name only when they are needed.
 """
 
 from __future__ import annotations
@@ -24,26 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from lorakit.peft_format import (
-    CONFIG_NAME as ADAPTER_CONFIG,
-)
-from lorakit.peft_format import (
-    WEIGHTS_NAME as ADAPTER_WEIGHTS,
-)
-from lorakit.peft_format import (
-    Adapter,
-    LoraPair,
-    is_adapter_folder,
-    load_adapter_folder,
-)
-from lorakit.peft_format import (
-    module_scaling as lora_scaling,
-)
-
-__all__ = [
-    "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "Adapter", "LoraPair", "ModelFolder", "is_adapter_folder",
-    "load_adapter_folder", "lora_scaling", "resolve_base_name", "resolve_name",
-]
+from lorakit.peft_format import WEIGHTS_NAME
 
 
 class ModelFolder:
@@ -55,7 +25,7 @@ class ModelFolder:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         files = sorted(self.path.glob("*.safetensors")) if self.path.is_dir() else [self.path]
-        files = [f for f in files if f.name != ADAPTER_WEIGHTS]
+        files = [f for f in files if f.name != WEIGHTS_NAME]
         if not files or not all(f.is_file() for f in files):
             raise FileNotFoundError(f"{self.path} holds no *.safetensors model weights")
         self._files = files
