@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 import lorakit
 from lorakit.cli.main import main
 from lorakit.models import load_causal_lm, tiny_llama, tiny_tokenizer
-from lorakit.models.merged import export_merged
+from lorakit.ship.merged import export_merged
 
 
 def base_folder(tmp_path: Path, **overrides) -> Path:

@@ -90,8 +90,11 @@ def test_cli_trains_from_yaml_plus_flags_and_writes_the_run_folder(
     assert len(tensors) == 2 * 2 * 2  # 2 layers × (q, v) × (A, B)
     assert all(float(t.abs().sum()) > 0 for t in tensors.values())  # B has moved away from zero
 
-    # --resume picks up the newest checkpoint (step 2) and redoes steps 3 and 4 identically.
+    # As if killed after step 4 but before the end was recorded: --resume picks up the newest checkpoint
+    # (step 2) and redoes steps 3 and 4 identically. (A run recorded as finished is left alone:
+    # tests/test_hostile.py.)
     losses = train_losses(output)
+    (output / "run_state.json").unlink()
     assert (
         main(
             [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -179,8 +180,11 @@ def test_a_checkpoint_write_that_dies_leaves_the_previous_checkpoint_intact(
     assert latest_checkpoint(tmp_path).name == "step-00000001"
     torch.testing.assert_close(load_checkpoint(latest_checkpoint(tmp_path))["value"], torch.ones(2))
 
-    # A process killed outright leaves its temporary folder: never taken for a checkpoint, removed later.
-    leftover = tmp_path / "checkpoints" / ".tmp-step-00000003-999"
+    # A process killed outright leaves its temporary folder: never taken for a checkpoint, removed by the
+    # next write of the same checkpoint (only once its writer is gone: a live writer's is kept).
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    leftover = tmp_path / "checkpoints" / f".step-00000003.lorakit-tmp-{finished.pid}-dead"
     leftover.mkdir()
     (leftover / "trainer_state.pt").write_bytes(b"truncated")
     assert latest_checkpoint(tmp_path).name == "step-00000001"

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.data import PadCollator
+from lorakit.data import IGNORE_INDEX, PadCollator
 from lorakit.models import tiny_llama, tiny_tokenizer
 
-IGNORE = -100
+IGNORE = IGNORE_INDEX
 COLLATE = PadCollator(pad_token_id=0)
 
 

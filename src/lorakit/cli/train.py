@@ -30,7 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     what = parser.add_argument_group("model and data")
     what.add_argument(
-        "--model", help="built-in name (smollm2-135m-instruct, minilm-l6), HF folder or .gguf file"
+        "--model",
+        help="built-in name (smollm2-135m-instruct, minilm-l6), HF folder or .gguf file (default "
+        "smollm2-135m-instruct; minilm-l6 with --task classify)",
     )
     what.add_argument(
         "--task", choices=("causal", "classify"), help="causal LM loss or classification (default causal)"
@@ -63,7 +65,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     adapter = parser.add_argument_group("adapter")
     adapter.add_argument("--method", choices=("lora", "full"),
                          help="lora (default) or full: train every parameter, save the whole model")
-    adapter.add_argument("--r", type=int, help="rank (default 16)")
+    # --rank, not --r: torchrun reads every argument that looks like a prefix of one of its own options,
+    # and --r is one of --rdzv-*, --role, --run-path, --redirects (an "ambiguous option" error there).
+    # --r stays as an alias for single-process use. No flag here starts any torchrun option (tested).
+    adapter.add_argument("--rank", "--r", dest="r", type=int, help="LoRA rank r (default 16)")
     adapter.add_argument("--alpha", type=float, help="lora_alpha (default 32)")
     adapter.add_argument("--dropout", type=float, help="lora_dropout (default 0.05)")
     adapter.add_argument(
@@ -128,7 +133,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
 
     run = parser.add_argument_group("output")
-    run.add_argument("--output", help="run folder (default runs/lorakit)")
+    run.add_argument("--output", help="run folder (default runs/lorakit); must be empty or hold this run")
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the previous lorakit run in --output (a folder of other files is never deleted)",
+    )
     run.add_argument("--save-every", type=int, help="write a resumable checkpoint every N steps")
     run.add_argument("--keep-checkpoints", type=int, help="how many checkpoints to keep (default 2)")
     run.add_argument(
@@ -151,7 +161,9 @@ def run_train(args: argparse.Namespace) -> int:
     main_process = int(os.environ.get("RANK", "0")) == 0
     progress = TqdmProgress(disable=args.quiet or not main_process, file=sys.stderr)
     result = train(config, progress)
-    if main_process:
+    if main_process and result.already_finished:
+        print(f"{config.output} had already finished its {result.total_steps} steps; nothing to do")
+    elif main_process:
         summary = f"trained {result.step}/{result.total_steps} steps"
         if result.losses:
             summary += f", last loss {result.losses[-1]:.4f}"

@@ -28,6 +28,9 @@ from lorakit.data.readers import Row
 FORMATS = ("chat", "instruction", "text", "classify")
 TEXT_COLUMNS = ("text", "sentence", "content")
 LABEL_COLUMN = "label"
+# The roles chat templates know; anything else (a typo such as "assitant", "bot") would be rendered
+# as some other turn or dropped by the template, silently.
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 _INTEGER = re.compile(r"[+-]?\d+")
 
 
@@ -108,6 +111,16 @@ def chat_messages(row: Row) -> list[dict[str, Any]]:
                 f"{expected}; messages[{index}] should be {{role: str, content: str}}, "
                 f"got {preview(message)}",
             )
+    for index, message in enumerate(value):
+        if message["role"] not in CHAT_ROLES:
+            raise DataError(
+                row.origin,
+                f"messages[{index}] has role {preview(message['role'])}; expected one of "
+                f"{', '.join(CHAT_ROLES)}",
+            )
+        if message["role"] == "assistant" and not message["content"].strip():
+            # An empty reply would train the model to answer with nothing but the end-of-turn token.
+            raise DataError(row.origin, f"messages[{index}] is an assistant turn with empty content")
     if not any(message["role"] == "assistant" for message in value):
         roles = [message["role"] for message in value]
         raise DataError(
@@ -170,12 +183,12 @@ def label_ids(
     first_kind = kinds[0][0] if kinds else "id"
     for row, (kind, _) in zip(rows, kinds):
         if kind != first_kind:
-            wanted = "an integer id" if first_kind == "id" else "a class name"
+            wanted = {"id": "an integer id", "bool": "a boolean", "name": "a class name"}[first_kind]
             raise DataError(
                 row.origin,
                 f"expected {wanted} in 'label' like the first row, got {preview(row.values.get('label'))}",
             )
-    if first_kind == "id":
+    if first_kind in ("id", "bool"):
         ids = [int(value) for _, value in kinds]
         limit = len(names) if names is not None else None
         for row, label in zip(rows, ids):
@@ -197,7 +210,9 @@ def label_ids(
 def _label_value(row: Row) -> tuple[str, int | str]:
     value = row.values.get(LABEL_COLUMN)
     if isinstance(value, bool):
-        return "id", int(value)
+        # Its own kind: true/false among integer ids is a mistake (it would silently become 1/0), while
+        # a column of booleans only is a binary label.
+        return "bool", int(value)
     if isinstance(value, int):
         return "id", value
     if isinstance(value, float) and value.is_integer():

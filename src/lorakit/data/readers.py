@@ -9,6 +9,7 @@ span lines); Parquet with pyarrow; saved datasets with ``datasets.load_from_disk
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,25 +57,45 @@ def read_rows(path: str | Path, *, split: str | None = None) -> list[Row]:
     )
 
 
+def read_text(path: Path) -> str:
+    """The file decoded as UTF-8 (a byte-order mark is dropped).
+
+    Raises:
+        DataError: a byte sequence that is not UTF-8; the message names the line and column.
+    """
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line_start = data.rfind(b"\n", 0, error.start) + 1
+        line = data.count(b"\n", 0, error.start) + 1
+        bad = data[error.start : error.end]
+        raise DataError(
+            Origin(str(path), line=line),
+            f"not UTF-8: byte {bad.hex(' ')} at column {error.start - line_start + 1} ({error.reason}); "
+            "save the file as UTF-8",
+        ) from None
+
+
 def _read_jsonl(path: Path) -> list[Row]:
     rows: list[Row] = []
-    with path.open(encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue  # blank lines separate nothing and hold no data
-            origin = Origin(str(path), line=number)
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(origin, f"invalid JSON ({error.msg} at column {error.colno})") from None
-            rows.append(Row(_as_object(value, origin), origin))
+    # splitlines() would also split at \x1c, \x85, U+2028 ..., which JSON strings may hold unescaped.
+    for number, line in enumerate(read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue  # blank lines separate nothing and hold no data
+        origin = Origin(str(path), line=number)
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(origin, f"invalid JSON ({error.msg} at column {error.colno})") from None
+        rows.append(Row(_as_object(value, origin), origin))
     return rows
 
 
 def _read_json(path: Path) -> list[Row]:
     # A JSON array of objects (e.g. Alpaca's alpaca_data.json); positions are array indices.
     try:
-        value = json.loads(path.read_text(encoding="utf-8-sig"))
+        value = json.loads(read_text(path))
     except json.JSONDecodeError as error:
         origin = Origin(str(path), line=error.lineno)
         raise DataError(origin, f"invalid JSON ({error.msg} at column {error.colno})") from None
@@ -99,7 +120,7 @@ def _read_delimited(path: Path, delimiter: str) -> list[Row]:
     # line a record starts on.
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     rows: list[Row] = []
-    with path.open(encoding="utf-8-sig", newline="") as handle:
+    with io.StringIO(read_text(path), newline="") as handle:
         reader = csv.reader(handle, delimiter=delimiter, quoting=quoting, strict=True)
         try:
             header = next(reader, None)

@@ -9,18 +9,25 @@ gives the outputs of the unmerged model. Two traps are handled:
   ``tie_word_embeddings: false``.
 * QLoRA: with ``quantize="nf4"`` the adapter is merged into the *dequantised* NF4 base it was trained
   on (so the merged model reproduces the QLoRA model), written in full precision with no trace of the
-  quantisation config.
+  quantisation config. By default (``quantize="auto"``) the adapter's run configuration
+  (``run_config.yaml`` of the run that wrote it) says whether it was a QLoRA: merging a QLoRA adapter into
+  the full-precision base would give another model (logits off by ~0.1 on a small model).
+
+The output folder is written atomically and is never one that holds anything else: it may not be (or
+lie inside, or contain) the base or the adapter, and ``overwrite`` replaces only a previous merged model.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from lorakit.atomic import write_atomically
+from lorakit.atomic import write_folder
 from lorakit.io import load_adapter
 from lorakit.model import merge_and_unload
 from lorakit.models.loading import load_causal_lm, load_classifier
@@ -31,7 +38,7 @@ def export_merged(
     adapter: str | Path,
     output: str | Path,
     *,
-    quantize: str | None = None,
+    quantize: str | None = "auto",
     dtype: torch.dtype | str = torch.float32,
     overwrite: bool = False,
 ) -> Path:
@@ -40,20 +47,26 @@ def export_merged(
     Args:
         base: a built-in model name, an HF folder or a .gguf file.
         adapter: a PEFT-layout adapter folder; ``task_type: SEQ_CLS`` loads the base as a classifier.
-        output: the new model folder; refused if it exists unless ``overwrite``.
-        quantize: ``"nf4"`` when the adapter was trained on an NF4 base (QLoRA).
+        output: the new model folder; a non-empty one is refused unless ``overwrite`` and it holds a
+            previous merged model.
+        quantize: ``"nf4"`` when the adapter was trained on an NF4 base (QLoRA), None when not, ``"auto"``
+            to follow the adapter's ``run_config.yaml`` (None when there is none).
         dtype: the dtype of the written weights.
 
     Returns:
         ``output``.
+
+    Raises:
+        FileExistsError: ``output`` is not empty and ``overwrite`` is not set.
+        ValueError: ``output`` is the base or the adapter folder, lies inside or contains one of them, or
+            holds something other than a merged model.
     """
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
-    adapter = Path(adapter)
+    output, adapter = Path(output), Path(adapter)
     config_path = adapter / "adapter_config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"no adapter_config.json in {adapter}")
+    check_merge_output(output, base, adapter, overwrite=overwrite)
+    quantize = _quantize_of(adapter, quantize)
     adapter_config = json.loads(config_path.read_text())
     if adapter_config.get("task_type") == "SEQ_CLS":
         model, tokenizer = load_classifier(base, _num_labels(adapter), dtype=dtype, quantize=quantize)
@@ -69,7 +82,110 @@ def export_merged(
         plain.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
-    return write_atomically(output, write)
+    return write_folder(output, write)
+
+
+# What save_pretrained writes for a model and its tokenizer: a folder holding only these is a merged model.
+_MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    ".*.lorakit-tmp-*",  # temporaries of an earlier atomic write
+    ".*.lorakit-old-*",
+)
+
+
+def check_merge_output(output: Path, base: str | Path, adapter: Path, *, overwrite: bool) -> None:
+    """Raise unless ``output`` may receive a merged model (see `export_merged`); reads only."""
+    target = output.resolve()
+    for role, path in (("base model", _base_path(base)), ("adapter", adapter)):
+        if path is None or not path.exists():
+            continue
+        source = path.resolve()
+        if target == source or source in target.parents or target in source.parents:
+            where = "is" if target == source else ("lies inside" if source in target.parents else "contains")
+            raise ValueError(f"output {output} {where} the {role} {path}: write the merged model elsewhere")
+    if output.exists() and not output.is_dir():
+        raise FileExistsError(f"output {output} exists and is a file, not a folder")
+    entries = sorted(e.name for e in output.iterdir()) if output.is_dir() else []
+    if not entries:
+        return
+    if not overwrite:
+        raise FileExistsError(f"output {output} exists and is not empty; pass --overwrite to replace it")
+    foreign = [name for name in entries if not any(fnmatch.fnmatchcase(name, p) for p in _MODEL_FILES)]
+    if foreign or "config.json" not in entries:
+        what = (
+            f"files a merged model does not hold: {', '.join(foreign[:5])}" if foreign else "no config.json"
+        )
+        raise ValueError(
+            f"output {output} does not look like a merged model ({what}); --overwrite only replaces a "
+            "previous merged model. Choose another folder"
+        )
+
+
+def _base_path(base: str | Path) -> Path | None:
+    """The folder (or .gguf file) ``base`` names on disk, None when it cannot be located."""
+    from lorakit.models.registry import ModelNotFoundError, locate
+
+    try:
+        return locate(base).path
+    except ModelNotFoundError:
+        return None
+
+
+def _quantize_of(adapter: Path, requested: str | None) -> str | None:
+    """The base quantisation to merge into: ``requested``, or the run configuration's for ``"auto"``."""
+    trained = _trained_quantize(adapter)
+    if requested == "auto":
+        if trained is not None and trained[0]:
+            warnings.warn(
+                f"{adapter} was trained as a QLoRA ({trained[1]}: quantize={trained[0]}): merging into the "
+                f"dequantised {trained[0]} base it was trained on (quantize=None to merge into the "
+                "full-precision base instead)",
+                stacklevel=3,
+            )
+        return trained[0] if trained is not None else None
+    if requested not in (None, "nf4"):
+        raise ValueError(f"quantize must be 'nf4', None or 'auto', got {requested!r}")
+    if trained is not None and trained[0] != requested:
+        warnings.warn(
+            f"{adapter} was trained with quantize={trained[0]} ({trained[1]}) but is merged with "
+            f"quantize={requested}: the merged model will differ from the trained one",
+            stacklevel=3,
+        )
+    return requested
+
+
+def _trained_quantize(adapter: Path) -> tuple[str | None, Path] | None:
+    """``(quantize, run_config.yaml)`` of the run that wrote ``adapter``; None when none is found.
+
+    The run folder holds the adapter itself; a checkpoint's adapter is ``<run>/checkpoints/step-N``.
+    """
+    import yaml
+
+    candidates = [adapter / "run_config.yaml"]
+    if adapter.parent.name == "checkpoints":
+        candidates.append(adapter.parent.parent / "run_config.yaml")
+    for path in candidates:
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        if isinstance(values, dict):
+            return values.get("quantize"), path
+    return None
 
 
 def _num_labels(adapter: Path) -> int:
@@ -102,12 +218,24 @@ def _untie_if_adapted(model: nn.Module, adapter_config: dict) -> None:
 
 def _dequantize_remaining(model: nn.Module) -> None:
     """Replace the 4-bit layers the adapter did not touch by full-precision ``nn.Linear`` copies."""
-    from lorakit.layers import LoraLinear, is_4bit
+    from lorakit.layers import dequantize_weight, is_4bit
 
     for name, module in list(model.named_modules()):
         if is_4bit(module):
-            # A LoRA wrapper without adapters dequantises exactly like a merged one.
-            model.set_submodule(name, LoraLinear(module)._dequantised_linear())
+            weight = dequantize_weight(module)  # (out, in), fp32: what a merged adapter layer gets too
+            linear = nn.Linear(
+                module.in_features, module.out_features, bias=module.bias is not None, dtype=weight.dtype
+            )
+            linear.weight.data.copy_(weight)
+            if module.bias is not None:
+                linear.bias.data.copy_(module.bias.data.to(weight.dtype))
+            model.set_submodule(name, linear.requires_grad_(False))
+
+
+def cast_floating(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``state`` with its floating tensors in ``dtype``; integer and boolean buffers (position or token
+    type ids, masks) keep theirs, as ``from_pretrained`` expects them."""
+    return {key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items()}
 
 
 def _plain_copy(model: nn.Module, dtype: torch.dtype | str) -> nn.Module:
@@ -128,7 +256,7 @@ def _plain_copy(model: nn.Module, dtype: torch.dtype | str) -> nn.Module:
     )
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     plain = auto.from_config(config, dtype=torch_dtype)
-    state = {key: value.to(torch_dtype) for key, value in model.state_dict().items()}
+    state = cast_floating(model.state_dict(), torch_dtype)
     missing, unexpected = plain.load_state_dict(state, strict=False)
     tied = {key for key in missing if key.endswith("lm_head.weight")} if config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:

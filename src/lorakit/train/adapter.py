@@ -1,4 +1,7 @@
-"""The trained adapter as state: which adapter trains, its tensors, and its files in PEFT's layout."""
+"""The trained adapter as state: its tensors, and its files in PEFT's layout.
+
+Which adapter trains is `lorakit.model.trainable_adapter`'s answer (one source for that fact).
+"""
 
 from __future__ import annotations
 
@@ -7,18 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.model import adapter_configs
-
-
-def trainable_adapter_name(model: nn.Module) -> str | None:
-    """The name of the adapter whose parameters require grad (None for a model without lorakit adapters)."""
-    names = set(adapter_configs(model))
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            for part in name.split("."):
-                if part in names:
-                    return part
-    return None
+from lorakit.model import trainable_adapter
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -31,7 +23,7 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     """Copy ``state`` (from `trainable_state`) back into the model's trainable parameters.
 
     Raises:
-        ValueError: the names differ (the checkpoint belongs to another adapter or model).
+        ValueError: the names or shapes differ (the checkpoint belongs to another adapter or model).
     """
     parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if set(parameters) != set(state):
@@ -40,13 +32,22 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
             f"checkpoint does not match the model's trainable parameters: missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}"
         )
+    shapes = [
+        f"{name} {tuple(state[name].shape)} in the checkpoint, {tuple(p.shape)} in the model"
+        for name, p in parameters.items()
+        if state[name].shape != p.shape
+    ]
+    if shapes:  # another rank or model size: say so rather than fail inside copy_
+        raise ValueError(
+            f"checkpoint does not match the model's trainable parameters: {'; '.join(shapes[:3])}"
+        )
     for name, parameter in parameters.items():
         parameter.copy_(state[name])
 
 
 def write_adapter(model: nn.Module, folder: str | Path) -> Path | None:
     """Save the trainable adapter with `lorakit.io.save_adapter` (PEFT's layout); None if there is none."""
-    name = trainable_adapter_name(model)
+    name = trainable_adapter(model)
     if name is None:
         return None
     from lorakit.io import save_adapter

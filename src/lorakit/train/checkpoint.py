@@ -2,10 +2,11 @@
 
 A checkpoint is a folder ``<output>/checkpoints/step-<N>`` holding ``trainer_state.pt``: the trainable
 parameters by name, the optimizer and scheduler states, the RNG states of every process (python, numpy,
-torch CPU and CUDA), the data-order position, the step, the early-stopping state and the best adapter
-so far. It is written into a temporary sibling folder and renamed into place with ``os.replace``, so a
-folder named ``step-<N>`` is always complete: a run killed while writing leaves only a ``.tmp-*`` folder,
-which `latest_checkpoint` ignores and the next save removes.
+torch CPU and CUDA), the data-order position, the step, the early-stopping state, the best adapter so
+far and the run's options (a resume checks it asks for the same run). It is written with
+`lorakit.atomic.write_folder` (a temporary sibling folder renamed into place), so a folder named
+``step-<N>`` is always complete: a run killed while writing leaves only a temporary folder, which
+`latest_checkpoint` ignores and the next write of that checkpoint removes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lorakit.atomic import write_atomically
+from lorakit.atomic import write_folder
 
 STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -92,7 +93,7 @@ def save_checkpoint(
         if extra_writer is not None:
             extra_writer(folder)
 
-    path = write_atomically(checkpoint_dir(output, step), write)
+    path = write_folder(checkpoint_dir(output, step), write)
     for old in list_checkpoints(output)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return path

@@ -46,7 +46,9 @@ class TrainConfig:
     """One training run.
 
     Attributes:
-        model: a built-in name (``smollm2-135m-instruct``, ``minilm-l6``), an HF folder or a ``.gguf`` file.
+        model: a built-in name (``smollm2-135m-instruct``, ``minilm-l6``), an HF folder or a ``.gguf`` file;
+            None: `train` uses the registry's default for the task (``smollm2-135m-instruct`` for
+            ``causal``, ``minilm-l6`` for ``classify``); `fit` does not read it.
         task: ``"causal"`` (next-token loss on the label tokens) or ``"classify"`` (the model's own head).
         data: training data file or folder (JSONL, CSV, TSV, Parquet, ``datasets.save_to_disk``).
         format: ``chat``, ``instruction``, ``text`` or ``classify``; None lets `lorakit.data` detect it.
@@ -82,11 +84,14 @@ class TrainConfig:
         bf16: bfloat16 autocast (CPU or CUDA); the adapters and the optimizer stay fp32.
         grad_checkpointing: recompute the transformer blocks in backward (less memory, ~30 % slower).
         lean_activations: keep norm, activation and gated-MLP outputs for backward as recipes rebuilt
-            from tensors kept anyway (`lorakit.recompute`): same gradients, ~40 % fewer activations,
-            no matrix product recomputed.
+            from tensors kept anyway (`lorakit.train.lean_activations`): same gradients, ~40 % fewer
+            activations, no matrix product recomputed.
         loss_chunk_size: label tokens per chunk of the memory-lean causal LM loss.
         seed: one seed for the adapter init, data order and dropout.
-        output: the run folder: adapter, metrics.jsonl, loss.png, run_config.yaml, checkpoints/.
+        output: the run folder: adapter, metrics.jsonl, loss.png, run_config.yaml, checkpoints/,
+            run_state.json. `train` refuses a folder that holds anything else than this run
+            (`lorakit.train.output`).
+        overwrite: replace a previous lorakit run in ``output`` (never a folder of other files).
         save_every: write a resumable checkpoint every N steps (None: none).
         keep_checkpoints: how many of the newest checkpoints to keep.
         resume: ``True`` continues from the newest checkpoint in ``output/checkpoints``; a path names one.
@@ -139,6 +144,7 @@ class TrainConfig:
     loss_chunk_size: int = 512
     seed: int = 0
     output: str = "runs/lorakit"
+    overwrite: bool = False
     save_every: int | None = None
     keep_checkpoints: int = 2
     resume: bool | str = False

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.recompute import LeanActivations
 from lorakit.train.adapter import load_trainable_state, trainable_state, write_adapter
 from lorakit.train.checkpoint import (
     capture_rng_state,
@@ -28,13 +27,21 @@ from lorakit.train.checkpoint import (
     save_checkpoint,
     seed_everything,
 )
-from lorakit.train.config import TrainConfig
+from lorakit.train.config import TrainConfig, write_yaml
 from lorakit.train.distributed import Distributed, check_all_have_grads, wrap_ddp
 from lorakit.train.early_stopping import EarlyStopping
 from lorakit.train.evaluate import Collate, Scorer, evaluate_loss, to_device
+from lorakit.train.lean_activations import LeanActivations
 from lorakit.train.loss import LossModule, count_label_tokens
 from lorakit.train.metrics import PLOT_FILE, MetricsLog, plot_loss, read_metrics
 from lorakit.train.optim import build_optimizer, build_scheduler, trainable_named_parameters
+from lorakit.train.output import (
+    RUN_CONFIG_FILE,
+    read_run_state,
+    remove_run_state,
+    run_differences,
+    write_run_state,
+)
 from lorakit.train.progress import TrainCallback
 from lorakit.train.sampler import BatchPlan
 from lorakit.train.state import Position, TrainResult
@@ -134,17 +141,34 @@ class Trainer:
         self.early = EarlyStopping(config.early_stopping_patience, config.greater_is_better)
         self.best_state: dict[str, torch.Tensor] | None = None
 
+        # A run that already ended is never rewritten: asked for its length again there is nothing to do,
+        # asked for fewer steps than it ran it refuses (files untouched); asked for more it continues.
+        ended = read_run_state(self.output) if config.resume else None
+        self.already_finished = ended is not None and ended.get("total_steps") == self.total_steps
+        if ended is not None and not self.already_finished and ended["step"] > self.total_steps:
+            raise ValueError(
+                f"the run in {self.output} already finished at step {ended['step']}, after the "
+                f"{self.total_steps} steps asked for; nothing was changed. Ask for more steps to continue it"
+            )
         self.resumed_from = resolve_resume(config.resume, self.output)
         if self.resumed_from is not None:
             self._restore(self.resumed_from)
+            if self.position.step > self.total_steps:
+                raise ValueError(
+                    f"checkpoint {self.resumed_from} is at step {self.position.step}, after the "
+                    f"{self.total_steps} steps asked for; resuming would replace later outputs with earlier "
+                    "ones, so nothing was changed. Ask for at least that many steps"
+                )
         else:
             context.broadcast_parameters([p for _, p in self.named_parameters])
             # Each process its own dropout stream; rank 0's equals a single-process run's.
             seed_everything(config.seed + context.rank)
         self.ddp = wrap_ddp(self.loss_module, context, config.ddp_find_unused_parameters)
         self.callback = callback if (callback is not None and context.is_main) else TrainCallback()
-        self.log = MetricsLog(self.output) if context.is_main else None
+        self.log = MetricsLog(self.output) if context.is_main and not self.already_finished else None
         if self.log is not None:
+            remove_run_state(self.output)  # from here on the folder is a run in progress again
+            write_yaml(config.replace(overwrite=False), self.output / RUN_CONFIG_FILE)
             self.log.truncate_after(self.position.step)  # a resumed run rewrites what followed its checkpoint
         self.autocast = make_autocast(self.device, config.bf16)
         # DDP without unused-parameter search needs a gradient for every adapter: checked after step 1.
@@ -158,6 +182,9 @@ class Trainer:
             output=self.output,
             model=self.model,
         )
+        if self.already_finished:  # resumed after its end: the outputs stay as they are
+            result.step, result.already_finished = self.total_steps, True
+            return result
         self.callback.on_train_start(self.total_steps, self.position.step)
         while self.position.step < self.total_steps:
             started = time.perf_counter()
@@ -275,6 +302,8 @@ class Trainer:
                 "early_stopping": self.early.state_dict(),
                 "best_trainable": self.best_state,
                 "total_steps": self.total_steps,
+                "config": self.config.to_dict(),  # a resume checks it asks for the same run
+                "world_size": self.context.world_size,
             }
             writer = self.adapter_writer
             extra = (lambda folder: writer(self.model, folder)) if writer is not None else None
@@ -286,6 +315,12 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         state = load_checkpoint(path)
+        differences = run_differences(state.get("config", {}), self.config)
+        if differences:
+            raise ValueError(
+                f"checkpoint {path} belongs to another run: {'; '.join(differences)} (checkpoint → asked). "
+                "Resume with the options it was written with, or start a new run in another folder"
+            )
         _check_same_plan(state, self.plan, path)
         load_trainable_state(self.model, state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -308,6 +343,11 @@ class Trainer:
             if self.adapter_writer is not None:
                 self.adapter_writer(self.model, self.output)
             plot_loss(read_metrics(self.output), self.output / PLOT_FILE)
+            # Last: its presence says every output above is complete and belongs to this step.
+            write_run_state(
+                self.output,
+                {"step": result.step, "total_steps": self.total_steps, "stopped_early": result.stopped_early},
+            )
         self.context.barrier()
         self.callback.on_train_end(result)
 
@@ -366,8 +406,17 @@ def _score(scorer: Scorer, model: nn.Module) -> dict[str, float]:
 def _check_same_plan(state: dict[str, Any], plan: BatchPlan, path: Path) -> None:
     saved = state["plan"]
     if saved["num_examples"] != plan.num_examples or saved["global_batch_size"] != plan.global_batch_size:
+        config = state.get("config") or {}
+        split = (
+            f" (batch_size {config['batch_size']} × grad_accum {config['grad_accum']} × "
+            f"{state['world_size']} processes)"
+            if "batch_size" in config and "world_size" in state
+            else ""
+        )
         raise ValueError(
             f"checkpoint {path} was written for {saved['num_examples']} examples in global batches of "
-            f"{saved['global_batch_size']}; this run has {plan.num_examples} and {plan.global_batch_size}: "
-            "resume with the same data, batch_size × grad_accum × processes"
+            f"{saved['global_batch_size']}{split}; this run has {plan.num_examples} examples in global "
+            f"batches of {plan.global_batch_size} (batch_size {plan.micro_batch_size} × grad_accum "
+            f"{plan.grad_accum} × {plan.world_size} processes): resume with the same data and the same "
+            "batch_size × grad_accum × processes"
         )

@@ -26,9 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lorakit.data.tokenize import IGNORE_INDEX  # one source: the data side decides what is masked
 from lorakit.train.fused_loss import linear_cross_entropy_sum
-
-IGNORE_INDEX = -100
 
 
 def count_label_tokens(batch: Mapping[str, torch.Tensor], task: str) -> int:

@@ -2,8 +2,8 @@
 
 The output folder ends up with the adapter in PEFT's layout (adapter_config.json,
 adapter_model.safetensors) -- or, with ``method="full"``, the whole model and its tokenizer
-(``save_pretrained``) --, metrics.jsonl, loss.png, run_config.yaml (the exact options used) and,
-when ``save_every`` is set, checkpoints/.
+(``save_pretrained``) --, metrics.jsonl, loss.png, run_config.yaml (the exact options used),
+run_state.json (written last, when the run ended) and, when ``save_every`` is set, checkpoints/.
 """
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.model import inject
+from lorakit.models.registry import DEFAULT_CAUSAL_LM, DEFAULT_CLASSIFIER
 from lorakit.train.adapter import write_adapter
 from lorakit.train.checkpoint import seed_everything
-from lorakit.train.config import TrainConfig, write_yaml
+from lorakit.train.config import TrainConfig
 from lorakit.train.distributed import Distributed
 from lorakit.train.evaluate import Scorer, exact_match_scorer
 from lorakit.train.loop import fit, make_autocast
+from lorakit.train.output import prepare_output
 from lorakit.train.progress import TrainCallback
 from lorakit.train.state import TrainResult
-
-RUN_CONFIG_FILE = "run_config.yaml"
 
 
 def lora_config(config: TrainConfig) -> LoraConfig:
@@ -48,12 +48,20 @@ def train(config: TrainConfig, progress: TrainCallback | None = None) -> TrainRe
     Works the same on one process and under ``torchrun`` (each process loads the model; only rank 0
     writes). ``progress`` receives the loop's events on rank 0 (e.g. `lorakit.train.TqdmProgress`).
 
+    The output folder must be empty, or hold this very run (with ``resume``), or a previous lorakit run
+    to replace (with ``overwrite``): see `lorakit.train.output.prepare_output`. Without ``model`` the
+    registry's default for the task is trained (``smollm2-135m-instruct``, or ``minilm-l6`` to classify).
+
     Raises:
-        ValueError: an inconsistent configuration (missing model or data, task and format disagree, ...).
+        ValueError: an inconsistent configuration (missing data, task and format disagree, ...), an output
+            folder that holds something else (`lorakit.train.output.OutputFolderError`), a resume that
+            asks for another run than its checkpoint's (the differing options are named).
         lorakit.data.DataError: a malformed data row (the message names its file and line).
     """
-    if not config.model or not config.data:
-        raise ValueError("train needs a model (--model) and training data (--data)")
+    if not config.data:
+        raise ValueError("train needs training data (--data)")
+    if config.model is None:  # the model registry's default for the task
+        config = config.replace(model=DEFAULT_CLASSIFIER if config.task == "classify" else DEFAULT_CAUSAL_LM)
     if config.eval_metric == "exact_match" and not (config.exact_match_examples and config.eval_data):
         raise ValueError(
             "eval_metric='exact_match' needs eval_data and exact_match_examples > 0 (how many "
@@ -63,11 +71,15 @@ def train(config: TrainConfig, progress: TrainCallback | None = None) -> TrainRe
         raise ValueError("eval_every / early_stopping_patience need eval_data")
     context = Distributed.from_env(config.device)
     try:
+        # Before anything is loaded or written: the folder must be free for this run (every process
+        # checks, the main one alone clears a previous run when asked to).
+        prepare_output(config, remove=False)
+        context.barrier()
+        if context.is_main:
+            prepare_output(config)
+        context.barrier()
         seed_everything(config.seed)  # the adapter's initial weights and a classifier head's
         model, tokenizer, train_examples, eval_examples, eval_rows = _prepare(config)
-        if context.is_main:
-            Path(config.output).mkdir(parents=True, exist_ok=True)
-            write_yaml(config, Path(config.output) / RUN_CONFIG_FILE)
         scorer = _scorer(config, tokenizer, eval_rows, context) if eval_rows is not None else None
         from lorakit.data import pad_collator
 

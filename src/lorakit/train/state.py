@@ -21,6 +21,7 @@ class TrainResult:
         best_metric, best_step: the best value of ``eval_metric`` and its step (None without evaluation).
         stopped_early: early stopping ended the run.
         resumed_from: the checkpoint this call started from.
+        already_finished: the run had already ended at ``total_steps``; nothing was trained or written.
         output: the run folder.
         model: the trained model (the adapter in place; the best one when early stopping kept it).
     """
@@ -33,6 +34,7 @@ class TrainResult:
     best_step: int | None = None
     stopped_early: bool = False
     resumed_from: Path | None = None
+    already_finished: bool = False
     output: Path | None = None
     model: nn.Module | None = field(default=None, repr=False)
 
