@@ -9,8 +9,11 @@ standard transformers step with the full logits (`--trainer transformers`).
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from lorakit.analysis.memory import MemoryEstimate, TrainingSetup, estimate_memory
+# torch loads only when the command runs: `lorakit memory --help` answers at once.
+if TYPE_CHECKING:
+    from lorakit.analysis.memory import MemoryEstimate, TrainingSetup
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -110,6 +113,8 @@ def format_estimate(estimate: MemoryEstimate) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lorakit.analysis.memory import TrainingSetup, estimate_memory
+
     setup = TrainingSetup(
         method=args.method,
         batch_size=args.batch,

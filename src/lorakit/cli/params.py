@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from lorakit.analysis.params import count_parameters, load_config, meta_model
-from lorakit.config import LoraConfig
-
 # PEFT's default targets for the common architectures, used when --targets is not given.
 DEFAULT_TARGETS = {
     "llama": "q_proj,v_proj", "mistral": "q_proj,v_proj", "qwen2": "q_proj,v_proj", "gemma": "q_proj,v_proj",
@@ -29,6 +26,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: `lorakit params --help` answers without loading torch.
+    from lorakit.analysis.params import count_parameters, load_config, meta_model
+    from lorakit.config import LoraConfig
+
     config = load_config(args.config)
     targets = args.targets or DEFAULT_TARGETS.get(config.model_type)
     if targets is None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lorakit.analysis.rank import analyse_rank, write_rank_report
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -28,6 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: `lorakit rank --help` answers without loading torch.
+    from lorakit.analysis.rank import analyse_rank, write_rank_report
+
     if len(args.paths) > 2:
         raise ValueError(f"expected BASE TUNED or a single ADAPTER, got {len(args.paths)} paths")
     base, tuned = (None, args.paths[0]) if len(args.paths) == 1 else args.paths

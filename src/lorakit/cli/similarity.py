@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lorakit.analysis.similarity import compare_adapters, write_similarity_report
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -26,6 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: `lorakit similarity --help` answers without loading torch.
+    from lorakit.analysis.similarity import compare_adapters, write_similarity_report
+
     report = compare_adapters(args.adapter_1, args.adapter_2, matrix=args.matrix)
     paths = write_similarity_report(report, args.output)
     print(f"{len(report.layers)} common layers, {len(report.skipped)} skipped")

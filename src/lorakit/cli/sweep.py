@@ -18,26 +18,15 @@ Example:
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any
 
-from lorakit.analysis.sweep import (
-    GRIDS,
-    SWEEP_OWNED,
-    SweepCallback,
-    SweepRow,
-    SweepSetting,
-    parse_assignments,
-    parse_ranks,
-    parse_target_sets,
-    plan_settings,
-    run_sweep,
-    write_sweep_report,
-)
-
-T = TypeVar("T")
+# lorakit.analysis.sweep (torch, transformers) is imported only when an argument is parsed or the
+# command runs: building the parser, `lorakit sweep --help` included, loads no torch.
+_SWEEP = "lorakit.analysis.sweep"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -52,17 +41,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--eval-data", help="evaluation data: the table's metric comes from it")
     parser.add_argument("--config", help="a YAML file of training options (as for `lorakit train`)")
     parser.add_argument(
-        "--ranks", type=_argument(parse_ranks), default=[8], help="comma-separated ranks (default 8)"
+        "--ranks", type=_argument("parse_ranks"), default=[8], help="comma-separated ranks (default 8)"
     )
     parser.add_argument(
         "--targets",
-        type=_argument(parse_target_sets),
+        type=_argument("parse_target_sets"),
         default=[("q", "v")],
         help="target sets separated by ';', names by ',' (default 'q,v')",
     )
     parser.add_argument(
         "--grid",
-        choices=GRIDS,
+        type=_argument("parse_grid"),
         default="product",
         help="product: every rank on every target set; axes: ranks on the first set, other sets at "
         "--anchor-rank only",
@@ -97,10 +86,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _argument(parse: Callable[[str], T]) -> Callable[[str], T]:
-    """``parse`` for argparse: its ValueError's message is shown, not argparse's generic one."""
+def _argument(name: str) -> Callable[[str], Any]:
+    """The parser ``name`` of lorakit.analysis.sweep (or of this module) for argparse, imported on first
+    use; its ValueError's message is shown, not argparse's generic one."""
 
-    def convert(text: str) -> T:
+    def convert(text: str) -> Any:
+        parse = globals().get(name) or getattr(importlib.import_module(_SWEEP), name)
         try:
             return parse(text)
         except ValueError as error:
@@ -109,22 +100,43 @@ def _argument(parse: Callable[[str], T]) -> Callable[[str], T]:
     return convert
 
 
-class _Printer(SweepCallback):
-    def on_run_start(self, setting: SweepSetting, index: int, total: int, skipped: bool) -> None:
-        state = "finished already, skipped" if skipped else "training"
-        print(f"[{index}/{total}] {setting.name}: {state}", file=sys.stderr, flush=True)
+def parse_grid(text: str) -> str:
+    from lorakit.analysis.sweep import GRIDS
 
-    def on_run_end(self, row: SweepRow, index: int, total: int) -> None:
-        metric = "–" if row.metric is None else f"{row.metric:.4f}"
-        print(
-            f"[{index}/{total}] {row.name}: {row.metric_name} {metric}, {row.trainable_parameters:,} "
-            f"trainable ({row.trainable_percent:.3f}%), {row.train_seconds:.0f} s",
-            file=sys.stderr,
-            flush=True,
-        )
+    if text not in GRIDS:
+        raise ValueError(f"invalid choice: {text!r} (choose from {', '.join(GRIDS)})")
+    return text
+
+
+def _printer() -> Any:
+    """A SweepCallback that prints each run's start and end on stderr."""
+    from lorakit.analysis.sweep import SweepCallback, SweepRow, SweepSetting
+
+    class Printer(SweepCallback):
+        def on_run_start(self, setting: SweepSetting, index: int, total: int, skipped: bool) -> None:
+            state = "finished already, skipped" if skipped else "training"
+            print(f"[{index}/{total}] {setting.name}: {state}", file=sys.stderr, flush=True)
+
+        def on_run_end(self, row: SweepRow, index: int, total: int) -> None:
+            metric = "–" if row.metric is None else f"{row.metric:.4f}"
+            print(
+                f"[{index}/{total}] {row.name}: {row.metric_name} {metric}, {row.trainable_parameters:,} "
+                f"trainable ({row.trainable_percent:.3f}%), {row.train_seconds:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    return Printer()
 
 
 def run(args: argparse.Namespace) -> int:
+    from lorakit.analysis.sweep import (
+        SWEEP_OWNED,
+        parse_assignments,
+        plan_settings,
+        run_sweep,
+        write_sweep_report,
+    )
     from lorakit.train import TqdmProgress, build_config
 
     overrides = parse_assignments(args.assignments)
@@ -148,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         args.output,
         full_overrides=full_overrides,
         measure_memory=not args.no_memory,
-        callback=_Printer(),
+        callback=_printer(),
         progress=lambda _: TqdmProgress(disable=args.quiet, file=sys.stderr),
     )
     paths = write_sweep_report(result, args.output)

@@ -30,9 +30,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from lorakit.ship.folder import AdapterFolder, LoraModule
+# Annotations only: `lorakit check --help` reads ENGINES without loading torch (ship.folder does).
+if TYPE_CHECKING:
+    from lorakit.ship.folder import AdapterFolder, LoraModule
 
 ENGINES = ("vllm", "llama.cpp", "sglang", "lorax")
 Effect = Literal["refuses", "computes something else"]
