@@ -212,7 +212,7 @@ def snapshot(model: nn.Module) -> dict[str, Any]:
     ({"x": 0.5, "y": 0.5}, "x", "cat", "'x' already exists"),
     ({"x": 0.5, "y": 0.5}, "x.y", "cat", "contain no '.'"),
     ({"x": 0.5, "y": 0.5}, "half", "cat", "attribute of torch modules"),
-    ({"x": 0.5, "y": 0.5}, "xy", "ties", "unknown combination method"),
+    ({"x": 0.5, "y": 0.5}, "xy", "magic", "unknown combination method"),
     ({}, "xy", "cat", "at least one"),
 ])
 def test_bad_requests_leave_model_unchanged(weights: dict[str, float], name: str, method: str,

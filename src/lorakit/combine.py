@@ -13,6 +13,12 @@ scaling is 1 and its update is just B·A. With weights w_i:
 
 Where a layer carries only some of the sources, only those contribute; the new adapter covers the union of
 the sources' layers.
+
+``"ties"``, ``"dare_linear"`` and ``"dare_ties"`` (PEFT's task-arithmetic merges, see the last section)
+treat the A's and the B's as task vectors, as PEFT does: each list is sparsified (TIES: keep the
+``density`` largest entries by magnitude; DARE: keep each entry with probability ``density`` and divide
+by it), weighted by ±sqrt(|c_i|) (A) / sqrt(|c_i|) (B), then summed (DARE-linear) or merged where signs
+agree with the elected sign (TIES, DARE-TIES). Equal ranks are needed, as for ``"linear"``.
 """
 
 from __future__ import annotations
@@ -28,8 +34,8 @@ from lorakit.config import LoraConfig
 from lorakit.layers import AdapterLayer, LoraEmbedding, LoraLinear, ModulesToSave
 from lorakit.model import adapter_configs, adapter_layers, add_adapter, check_new_adapter_name
 
-CombineMethod = Literal["linear", "cat", "svd"]
-METHODS: tuple[str, ...] = ("linear", "cat", "svd")
+CombineMethod = Literal["linear", "cat", "svd", "ties", "dare_linear", "dare_ties"]
+METHODS: tuple[str, ...] = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
 
 
 @torch.no_grad()
@@ -40,6 +46,9 @@ def combine_adapters(
     method: CombineMethod = "linear",
     *,
     svd_rank: int | None = None,
+    density: float | None = None,
+    majority_sign_method: str = "total",
+    seed: int | None = None,
 ) -> None:
     """Add adapter ``adapter_name`` = the ``weights``-weighted combination of existing adapters.
 
@@ -51,6 +60,12 @@ def combine_adapters(
         method: ``"linear"``, ``"cat"`` or ``"svd"`` (see the module docstring). With one source adapter
             PEFT always uses ``"linear"``, and so does lorakit.
         svd_rank: rank of the ``"svd"`` result (default: the largest source rank).
+        density: the fraction of entries TIES / DARE keep, in (0, 1] (required for those methods).
+        majority_sign_method: TIES / DARE-TIES sign election, ``"total"`` (sign of the sum) or
+            ``"frequency"`` (the more frequent sign), as in PEFT.
+        seed: DARE's random masks come from torch's global RNG (as PEFT's merge_utils draw them: same
+            RNG state, same masks); with ``seed`` they come from a private stream seeded with it, so they
+            do not depend on the global RNG.
 
     A ``modules_to_save`` module trained by one source is copied into the new adapter (two sources with a
     copy of the same module are refused, as in PEFT).
@@ -61,14 +76,19 @@ def combine_adapters(
             train the same ``modules_to_save`` module. The model is then unchanged.
     """
     sources = _check_request(model, weights, adapter_name, method, svd_rank)
+    _check_task_arguments(method, density, majority_sign_method)
     configs = adapter_configs(model)
     if len(sources) == 1:
         method = "linear"
     ranks = {name: _max_rank(configs[name]) for name in sources}
     new_rank = _new_rank(method, ranks, svd_rank)
-    factors = {path: _combined_factors(layer, sources, method, new_rank)
-               for path, layer in adapter_layers(model)
-               if isinstance(layer, AdapterLayer) and any(name in layer.r for name in sources)}
+    task = (density, majority_sign_method)
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        factors = {path: _combined_factors(layer, sources, method, new_rank, task)
+                   for path, layer in adapter_layers(model)
+                   if isinstance(layer, AdapterLayer) and any(name in layer.r for name in sources)}
     copies = _modules_to_copy(model, sources)
     config = _combined_config(configs[next(iter(sources))], new_rank, sorted(factors), sorted(copies))
 
@@ -112,9 +132,9 @@ def _max_rank(config: LoraConfig) -> int:
 
 
 def _new_rank(method: str, ranks: Mapping[str, int], svd_rank: int | None) -> int:
-    if method == "linear":
+    if method in ("linear", *TASK_METHODS):
         if len(set(ranks.values())) != 1:
-            raise ValueError(f"method 'linear' needs adapters of equal rank, got {dict(ranks)}; "
+            raise ValueError(f"method {method!r} needs adapters of equal rank, got {dict(ranks)}; "
                              "use 'cat' or 'svd'")
         return next(iter(ranks.values()))
     if method == "cat":
@@ -174,7 +194,8 @@ def _factors(layer: AdapterLayer, name: str) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _combined_factors(
-    layer: AdapterLayer, sources: Mapping[str, float], method: str, rank: int
+    layer: AdapterLayer, sources: Mapping[str, float], method: str, rank: int,
+    task: tuple[float | None, str] = (None, "total"),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The new (A, B) of one layer, zero-padded to ``rank`` (padding adds nothing to B·A)."""
     present = [(name, weight) for name, weight in sources.items() if name in layer.r]
@@ -183,6 +204,8 @@ def _combined_factors(
     if method == "cat":
         lora_A = torch.cat([c * a for c, (a, _) in zip(coefficients, factors)], dim=0)
         lora_B = torch.cat([b for _, b in factors], dim=1)
+    elif method in TASK_METHODS:
+        lora_A, lora_B = _task_factors(factors, coefficients, method, *task)
     elif method == "linear":
         if len({a.shape[0] for a, _ in factors}) != 1:
             ranks = {name: layer.r[name] for name, _ in present}
@@ -224,3 +247,74 @@ def _write_factors(layer: nn.Module, name: str, lora_A: torch.Tensor, lora_B: to
     else:
         layer.lora_A[name].weight.copy_(lora_A)
         layer.lora_B[name].weight.copy_(lora_B)
+
+
+# --- TIES and DARE (PEFT's merge_utils semantics, applied to the A's and the B's) ------------------------
+
+TASK_METHODS: tuple[str, ...] = ("ties", "dare_linear", "dare_ties")
+SIGN_METHODS: tuple[str, ...] = ("total", "frequency")
+
+
+def _check_task_arguments(method: str, density: float | None, majority_sign_method: str) -> None:
+    if method not in TASK_METHODS:
+        return
+    if density is None or isinstance(density, bool) or not isinstance(density, (int, float)):
+        raise ValueError(f"method {method!r} needs a density in (0, 1], got {density!r}")
+    if not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density!r}")
+    if majority_sign_method not in SIGN_METHODS:
+        raise ValueError(f"majority_sign_method must be one of {SIGN_METHODS}, got {majority_sign_method!r}")
+
+
+def _task_factors(
+    factors: list[tuple[torch.Tensor, torch.Tensor]], coefficients: list[float], method: str,
+    density: float | None, sign_method: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of one layer: the A's and the B's each merged as task tensors (A first: DARE's masks are
+    drawn in PEFT's order, so the same RNG state gives the same masks)."""
+    assert density is not None
+    weights_A = [math.copysign(math.sqrt(abs(c)), c) for c in coefficients]  # the sign on A only
+    weights_B = [math.sqrt(abs(c)) for c in coefficients]
+    lora_A = _merge_task_tensors([a for a, _ in factors], weights_A, method, density, sign_method)
+    lora_B = _merge_task_tensors([b for _, b in factors], weights_B, method, density, sign_method)
+    return lora_A.to(factors[0][0].dtype), lora_B.to(factors[0][1].dtype)
+
+
+def _merge_task_tensors(
+    tensors: list[torch.Tensor], weights: list[float], method: str, density: float, sign_method: str
+) -> torch.Tensor:
+    """Sparsify each tensor (all of one shape), weight, then sum (DARE-linear) or sign-consensus merge."""
+    sparse = _keep_largest if method == "ties" else _keep_random
+    stacked = torch.stack([sparse(tensor, density) for tensor in tensors])  # (n, *shape)
+    scale = torch.tensor(weights).view(-1, *([1] * (stacked.dim() - 1)))
+    weighted = stacked * scale
+    if method == "dare_linear":
+        return weighted.sum(dim=0)
+    agrees = _majority_sign_mask(stacked, sign_method)
+    return (weighted * agrees).sum(dim=0) / agrees.sum(dim=0).clamp(min=1.0)
+
+
+def _keep_largest(tensor: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES' trim: zero all but the int(density · numel) entries of largest magnitude."""
+    if density >= 1:
+        return tensor
+    keep = int(density * tensor.numel())
+    mask = torch.zeros(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+    mask[torch.topk(tensor.abs().reshape(-1), k=keep, largest=True).indices] = 1
+    return tensor * mask.reshape(tensor.shape)
+
+
+def _keep_random(tensor: torch.Tensor, density: float) -> torch.Tensor:
+    """DARE's drop-and-rescale: keep each entry with probability ``density``, divide the kept by it."""
+    if density >= 1:
+        return tensor  # no mask drawn (as PEFT), so the RNG stream stays aligned with PEFT's
+    mask = torch.bernoulli(torch.full_like(tensor, density))
+    return tensor * mask / density
+
+
+def _majority_sign_mask(stacked: torch.Tensor, sign_method: str) -> torch.Tensor:
+    """Where each task tensor's sign equals the elected sign (of the sum, or the more frequent one)."""
+    signs = stacked.sign()
+    votes = stacked.sum(dim=0) if sign_method == "total" else signs.sum(dim=0)
+    elected = torch.where(votes >= 0, 1.0, -1.0)
+    return signs == elected
