@@ -1,6 +1,6 @@
 """Core benchmark: lorakit against peft in the same run, on SmolLM2-135M (fp32, batch 8 x 128 tokens).
 
-    .venv/bin/python benchmarks/bench_core.py [--rounds 15]
+    .venv/bin/python benchmarks/bench_core.py [--rounds 15] [--decode-only]
 
 Measures
 - the unmerged forward with one adapter (r=16, all linear layers) relative to the base model;
@@ -8,6 +8,12 @@ Measures
 - merge_and_unload, adapter save and adapter load times.
 Both libraries get the same adapter weights (copied from peft into lorakit by name), and the benchmark
 checks that their logits agree before timing anything.
+
+The decode-size row (``decode_sizes``; alone with ``--decode-only``, written to results/core_decode.*) times a
+mixed batch where serving lives: a 6-layer h=576 Llama (SmolLM2's widths, random weights), 8 rows of 64
+tokens, 8 adapters r=8 on q,k,v,o. It reports a forward step inside an open ``adapter_per_row`` block (the
+serving case: the block's stacks are built once) and a block entered for every forward, both against the
+same batch on one adapter.
 """
 
 from __future__ import annotations
@@ -45,10 +51,81 @@ def paired(ours, theirs, repeats: int = 9) -> tuple[float, float]:
     return tuple(sorted(values)[len(values) // 2] for values in samples)  # type: ignore[return-value]
 
 
+def decode_sizes(rounds: int) -> dict[str, object]:
+    """Mixed batch of 8 adapters vs one adapter at decode sizes (see the module docstring)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048)
+    model = LlamaForCausalLM(config).eval()
+    lora = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+            "init_lora_weights": False}
+    lorakit.inject(model, lorakit.LoraConfig(**lora), ADAPTERS[0])
+    for name in ADAPTERS[1:]:
+        lorakit.add_adapter(model, lorakit.LoraConfig(**lora), name)
+    ids = torch.randint(0, config.vocab_size, (8, 64))
+
+    def single() -> float:
+        start = time.perf_counter()
+        model(ids)
+        return time.perf_counter() - start
+
+    def mixed_step() -> float:
+        with lorakit.adapter_per_row(model, ADAPTERS):
+            start = time.perf_counter()
+            model(ids)
+            return time.perf_counter() - start
+
+    def mixed_with_entry() -> float:
+        start = time.perf_counter()
+        with lorakit.adapter_per_row(model, ADAPTERS):
+            model(ids)
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        for run in (single, mixed_step, mixed_with_entry):
+            run()
+        samples: dict[str, list[float]] = {"single": [], "mixed_step": [], "mixed_with_entry": []}
+        for _ in range(rounds):
+            for name, run in (("single", single), ("mixed_step", mixed_step),
+                              ("mixed_with_entry", mixed_with_entry)):
+                samples[name].append(run())
+    seconds = {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
+    return {
+        "setup": {"model": "Llama 6 layers, h=576, vocab 49152 (random)", "batch": [8, 64], "lora": lora,
+                  "adapters": len(ADAPTERS), "rounds": rounds},
+        "seconds": seconds,
+        "ratios": {"mixed_step_vs_single": seconds["mixed_step"] / seconds["single"],
+                   "mixed_with_entry_vs_single": seconds["mixed_with_entry"] / seconds["single"]},
+    }
+
+
+def decode_table(decode: dict) -> list[str]:
+    ratios = decode["ratios"]
+    return [
+        "| decode size (6 layers h=576, 8 x 64, 8 adapters r=8 q,k,v,o) | lorakit | target |",
+        "| --- | --- | --- |",
+        f"| mixed step in an open block / 1 adapter | {ratios['mixed_step_vs_single']:.3f} | <= 1.10 |",
+        f"| block entered per forward / 1 adapter | {ratios['mixed_with_entry_vs_single']:.3f} | |",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--decode-only", action="store_true", help="only the decode-size mixed row")
     args = parser.parse_args()
+    if args.decode_only:
+        decode = decode_sizes(args.rounds)
+        lines = ["# Core benchmark: mixed batch at decode sizes", "",
+                 f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, {args.rounds} "
+                 "interleaved rounds, median seconds.", "", *decode_table(decode), "",
+                 *[f"- {k}: {v:.4f} s" for k, v in decode["seconds"].items()], "",
+                 "Regenerate: `.venv/bin/python benchmarks/bench_core.py --decode-only`", ""]
+        write("core_decode", {**decode, "machine": machine()}, "\n".join(lines))
+        print("\n".join(lines))
+        return
     torch.manual_seed(0)
     base, _ = load_causal_lm("smollm2-135m-instruct")
     base.eval()
@@ -143,6 +220,7 @@ def main() -> None:
         "forward_seconds": forward,
         "lifecycle_seconds": {k: {"lorakit": a, "peft": b} for k, (a, b) in lifecycle.items()},
         "ratios": ratios,
+        "decode_sizes": decode_sizes(args.rounds),
     }
     rows = [
         ("unmerged forward, 1 adapter / base", ratios["lorakit_forward_vs_base"],
@@ -170,6 +248,8 @@ def main() -> None:
         "| forward (median seconds) | value |",
         "| --- | --- |",
         *[f"| {k} | {v:.4f} |" for k, v in forward.items()],
+        "",
+        *decode_table(payload["decode_sizes"]),
         "",
         "Regenerate: `.venv/bin/python benchmarks/bench_core.py`",
         "",
