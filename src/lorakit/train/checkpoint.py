@@ -22,6 +22,9 @@ import numpy as np
 import torch
 
 from lorakit.atomic import write_folder
+from lorakit.train.config import TrainConfig
+from lorakit.train.output import run_differences
+from lorakit.train.sampler import BatchPlan
 
 STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -126,3 +129,33 @@ def resolve_resume(resume: bool | str, output: str | Path) -> Path | None:
             raise FileNotFoundError(f"resume={resume!r}: no checkpoint there (no {STATE_FILE})")
         return found
     return path
+
+
+def check_resumable(state: dict[str, Any], config: TrainConfig, plan: BatchPlan, path: Path) -> None:
+    """Raise ValueError unless checkpoint ``state`` (at ``path``) belongs to the run ``config`` asks for.
+
+    The identity options (`lorakit.train.output.IDENTITY_FIELDS`) must be equal, and so must the number
+    of examples and the global batch; the message names every difference (checkpoint → asked).
+    """
+    differences = run_differences(state.get("config", {}), config)
+    if differences:
+        raise ValueError(
+            f"checkpoint {path} belongs to another run: {'; '.join(differences)} (checkpoint → asked). "
+            "Resume with the options it was written with, or start a new run in another folder"
+        )
+    saved = state["plan"]
+    if saved["num_examples"] != plan.num_examples or saved["global_batch_size"] != plan.global_batch_size:
+        options = state.get("config") or {}
+        split = (
+            f" (batch_size {options['batch_size']} × grad_accum {options['grad_accum']} × "
+            f"{state['world_size']} processes)"
+            if "batch_size" in options and "world_size" in state
+            else ""
+        )
+        raise ValueError(
+            f"checkpoint {path} was written for {saved['num_examples']} examples in global batches of "
+            f"{saved['global_batch_size']}{split}; this run has {plan.num_examples} examples in global "
+            f"batches of {plan.global_batch_size} (batch_size {plan.micro_batch_size} × grad_accum "
+            f"{plan.grad_accum} × {plan.world_size} processes): resume with the same data and the same "
+            "batch_size × grad_accum × processes"
+        )

@@ -21,6 +21,7 @@ from torch import nn
 from lorakit.train.adapter import load_trainable_state, trainable_state, write_adapter
 from lorakit.train.checkpoint import (
     capture_rng_state,
+    check_resumable,
     load_checkpoint,
     resolve_resume,
     restore_rng_state,
@@ -35,13 +36,7 @@ from lorakit.train.lean_activations import LeanActivations
 from lorakit.train.loss import LossModule, count_label_tokens
 from lorakit.train.metrics import PLOT_FILE, MetricsLog, plot_loss, read_metrics
 from lorakit.train.optim import build_optimizer, build_scheduler, trainable_named_parameters
-from lorakit.train.output import (
-    RUN_CONFIG_FILE,
-    read_run_state,
-    remove_run_state,
-    run_differences,
-    write_run_state,
-)
+from lorakit.train.output import RUN_CONFIG_FILE, read_run_state, remove_run_state, write_run_state
 from lorakit.train.progress import TrainCallback
 from lorakit.train.sampler import BatchPlan
 from lorakit.train.state import Position, TrainResult
@@ -70,8 +65,13 @@ def fit(
     ``callback``. ``config``'s model, data and adapter fields are not read here: ``model`` already has
     its adapter. Under torchrun, ``context`` defaults to joining the process group.
 
-    The output folder receives ``metrics.jsonl``, ``loss.png``, ``checkpoints/step-N`` every ``save_every``
-    steps and, at the end, the adapter files (``adapter_writer(model, folder)``; None writes none).
+    The output folder receives ``run_config.yaml`` (``config``), ``metrics.jsonl``, ``loss.png``,
+    ``checkpoints/step-N`` every ``save_every`` steps and, at the end, the adapter files
+    (``adapter_writer(model, folder)``; None writes none) and then ``run_state.json``. The caller owns the
+    folder (`train` checks it first with `lorakit.train.output.prepare_output`). With ``config.resume``
+    a checkpoint of another run (other options, data size or global batch) is refused naming the
+    differences, and a run that has already ended is not rewritten: the same length does nothing
+    (``result.already_finished``), a shorter one raises ValueError.
     """
     owns_context = context is None
     context = context or Distributed.from_env(config.device)
@@ -315,13 +315,7 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         state = load_checkpoint(path)
-        differences = run_differences(state.get("config", {}), self.config)
-        if differences:
-            raise ValueError(
-                f"checkpoint {path} belongs to another run: {'; '.join(differences)} (checkpoint → asked). "
-                "Resume with the options it was written with, or start a new run in another folder"
-            )
-        _check_same_plan(state, self.plan, path)
+        check_resumable(state, self.config, self.plan, path)
         load_trainable_state(self.model, state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -401,22 +395,3 @@ def _due(step: int, every: int | None, total_steps: int) -> bool:
 def _score(scorer: Scorer, model: nn.Module) -> dict[str, float]:
     metrics = scorer(model)
     return {key if key.startswith("eval_") else f"eval_{key}": float(value) for key, value in metrics.items()}
-
-
-def _check_same_plan(state: dict[str, Any], plan: BatchPlan, path: Path) -> None:
-    saved = state["plan"]
-    if saved["num_examples"] != plan.num_examples or saved["global_batch_size"] != plan.global_batch_size:
-        config = state.get("config") or {}
-        split = (
-            f" (batch_size {config['batch_size']} × grad_accum {config['grad_accum']} × "
-            f"{state['world_size']} processes)"
-            if "batch_size" in config and "world_size" in state
-            else ""
-        )
-        raise ValueError(
-            f"checkpoint {path} was written for {saved['num_examples']} examples in global batches of "
-            f"{saved['global_batch_size']}{split}; this run has {plan.num_examples} examples in global "
-            f"batches of {plan.global_batch_size} (batch_size {plan.micro_batch_size} × grad_accum "
-            f"{plan.grad_accum} × {plan.world_size} processes): resume with the same data and the same "
-            "batch_size × grad_accum × processes"
-        )
