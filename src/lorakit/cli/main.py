@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 COMMANDS = ("demo", "train", "merge", "params", "memory", "rank", "similarity", "sweep",
-            "inspect", "check", "convert", "serve", "export-gguf")
+            "inspect", "check", "convert", "serve", "export-gguf", "combine")
 
 
 def build_parser() -> argparse.ArgumentParser:
