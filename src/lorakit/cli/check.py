@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         shown = ", ".join(finding.items[:6]) + (f", ... ({len(finding.items)} in all)"
                                                  if len(finding.items) > 6 else "")
         print(f"    where:  {shown}")
-        print(f"    fix:    {rule.fix.format(engine=rule.engine)}")
+        print(f"    fix:    {rule.fix.format(engine=rule.engine).replace('ADAPTER', str(args.adapter), 1)}")
     for note in result.notes:
         print(f"note: {note}")
     if result.ok:
