@@ -343,7 +343,8 @@ def test_merging_a_qlora_adapter_follows_its_run_configuration(tmp_path: Path, b
     with pytest.warns(UserWarning, match="trained as a QLoRA"):
         followed = export_merged(base, adapter, tmp_path / "auto")
     explicit = export_merged(base, adapter, tmp_path / "nf4", quantize="nf4")
-    plain = export_merged(base, adapter, tmp_path / "plain", quantize=None)
+    with pytest.warns(UserWarning, match="trained with quantize=nf4 .* merged with quantize=None"):
+        plain = export_merged(base, adapter, tmp_path / "plain", quantize=None)
     followed_weights = load_file(followed / "model.safetensors")
     nf4_weights, plain_weights = (
         load_file(explicit / "model.safetensors"),
