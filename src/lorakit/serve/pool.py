@@ -22,6 +22,15 @@ class SlotModule(nn.Module):
         self.base_layer = base_layer
         self.route = route
 
+    def __getattr__(self, name: str) -> Any:
+        # Code written for the base module (`embed_tokens.weight`, `lm_head.out_features`) keeps working.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.route.forward(self, x, *args, **kwargs)
 
