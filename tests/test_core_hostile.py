@@ -224,3 +224,13 @@ def test_the_cli_shows_library_warnings_and_logs(capsys: pytest.CaptureFixture[s
     err = capsys.readouterr().err
     assert "lorakit: warning: LoraConfig fields lorakit does not know were ignored" in err
     assert "lorakit: a note for the user" in err
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_olora_with_a_rank_above_the_layer_is_a_clear_error(init: str) -> None:
+    model = tiny_llama()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"init_lora_weights='.*' needs r <= 16, got r=40"):
+        lorakit.inject(model, LoraConfig(r=40, target_modules=["k_proj"], init_lora_weights=init))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(isinstance(m, LoraLinear) for m in model.modules())

@@ -56,7 +56,7 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
     return bnbf.dequantize_4bit(data, state).to(torch.float32)
 
 
-def check_supported(name: str, module: nn.Module, use_dora: bool, init: bool | str) -> None:
+def check_supported(name: str, module: nn.Module, use_dora: bool, init: bool | str, r: int = 1) -> None:
     """Raise ValueError when lorakit cannot give ``module`` (or the base inside a wrapper) such an adapter.
 
     Run on every target before anything is created, because PiSSA/OLoRA rewrite base weights at creation.
@@ -72,6 +72,13 @@ def check_supported(name: str, module: nn.Module, use_dora: bool, init: bool | s
     elif is_4bit(base) and init in ("pissa", "olora"):
         raise ValueError(f"module {name!r} is 4-bit: init_lora_weights={init!r} rewrites the base weight and "
                          "needs a full-precision base")
+    elif init in ("pissa", "olora"):
+        # The factors come from r singular / QR directions of W, which has at most min(in, out) of them.
+        weight = base.weight
+        limit = min(weight.shape[0], weight.shape[1])
+        if r > limit:
+            raise ValueError(f"module {name!r} has a {tuple(weight.shape)} weight: init_lora_weights={init!r} "
+                             f"needs r <= {limit}, got r={r}")
 
 
 def _adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
@@ -124,7 +131,7 @@ class AdapterLayer(nn.Module):
         """Create adapter ``adapter_name`` (inactive), its weights initialised per ``init_lora_weights``."""
         if adapter_name in self.r:
             raise ValueError(f"adapter {adapter_name!r} already exists in this layer")
-        check_supported(type(self.base_layer).__name__, self, use_dora, init_lora_weights)
+        check_supported(type(self.base_layer).__name__, self, use_dora, init_lora_weights, r)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_scaling(lora_alpha, r, use_rslora)

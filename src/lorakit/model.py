@@ -114,7 +114,8 @@ def _add(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
     saved = find_modules_to_save(model, config)
     modules = dict(model.named_modules())
     for name in targets:
-        check_supported(name, modules[name], config.use_dora, config.init_lora_weights)
+        check_supported(name, modules[name], config.use_dora, config.init_lora_weights,
+                        pattern_value(config.rank_pattern, name, config.r))
     new_wrappers: dict[str, nn.Module] = {}
     touched: list[AdapterLayer | ModulesToSave] = []
     try:
