@@ -77,8 +77,8 @@ def check_supported(name: str, module: nn.Module, use_dora: bool, init: bool | s
         weight = base.weight
         limit = min(weight.shape[0], weight.shape[1])
         if r > limit:
-            raise ValueError(f"module {name!r} has a {tuple(weight.shape)} weight: init_lora_weights={init!r} "
-                             f"needs r <= {limit}, got r={r}")
+            raise ValueError(f"module {name!r} has a {tuple(weight.shape)} weight: "
+                             f"init_lora_weights={init!r} needs r <= {limit}, got r={r}")
 
 
 def _adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
