@@ -115,3 +115,21 @@ def test_gguf_refusals(tmp_path: Path) -> None:
     assert (tmp_path / "taken.gguf").read_text() == "mine"
     assert main(["export-gguf", str(plain), "--base", str(base), str(tmp_path / "new.gguf")]) == 0
     assert (tmp_path / "new.gguf").stat().st_size > 0
+
+
+def test_qwen2_base_keeps_hf_row_order(tmp_path: Path) -> None:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False)
+    qwen = Qwen2ForCausalLM(config).eval()
+    qwen.save_pretrained(str(tmp_path / "qwen"))
+    adapter = peft_adapter(tmp_path / "adapter", qwen, r=4, lora_alpha=8, use_rslora=True)
+    export = export_gguf(adapter, tmp_path / "qwen", tmp_path / "q.gguf")
+    reader, updates = rebuilt_updates(tmp_path / "q.gguf")
+    assert export.architecture == "qwen2" and field_value(reader, "general.architecture") == "qwen2"
+    expected = peft_merged_deltas(adapter, qwen)
+    assert set(updates) == {gguf_name(module) for module in expected}
+    for module, delta in expected.items():  # llama.cpp's Qwen2 converter does not permute Q / K
+        torch.testing.assert_close(updates[gguf_name(module)], delta, atol=1e-6, rtol=1e-5)
