@@ -207,3 +207,25 @@ def test_bf16_base_runs(adapters):
     engine = Engine(tiny_llama().to(torch.bfloat16), tokenizer(), catalog=AdapterCatalog(adapters))
     result = engine.generate([_greedy("hello", "d", 4), _greedy("abc", "a", 4)])
     assert all(r.finish_reason in ("length", "stop") and r.token_ids for r in result)
+
+
+def test_gpt2_conv1d_layers(tmp_path):
+    """transformers' Conv1D (weight stored (in, out)) takes slots too."""
+    from lorakit.models.tiny import tiny_gpt2
+
+    model = lorakit.inject(tiny_gpt2(), LoraConfig(r=4, target_modules=["c_attn", "c_proj"],
+                                                   init_lora_weights=False), "g")
+    lorakit.save_adapter(model, tmp_path / "g", adapter_name="g")
+    engine = Engine(tiny_gpt2(), tokenizer(), catalog=AdapterCatalog(tmp_path))
+    requests = [_greedy("hello", "g", 8), _greedy("abcdef", None, 5), _greedy("xyz", "g", 10)]
+    for request, result in zip(requests, engine.generate(requests)):
+        alone = tiny_gpt2()
+        if request.model is not None:
+            lorakit.load_adapter(alone, tmp_path / "g", adapter_name="g")
+            lorakit.merge(alone)
+        ids = torch.tensor([request.prompt_ids])
+        with torch.no_grad():
+            out = alone.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0,
+                                 max_new_tokens=request.params.max_tokens)
+        expected = out[0, ids.shape[1]:].tolist()
+        assert result.token_ids == expected
