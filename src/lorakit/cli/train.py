@@ -97,7 +97,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--batch-size", type=int, help="examples per micro-batch per process (default 8)"
     )
     optimisation.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
-    optimisation.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bfloat16 autocast")
+    optimisation.add_argument(
+        "--dtype",
+        action=_Precision,
+        choices=("auto", "bf16", "fp32"),
+        help="compute precision: auto (default) = bf16 autocast where the CPU (AVX512-BF16, AMX, Arm BF16) "
+        "or GPU computes bf16 natively, fp32 elsewhere; the choice and its reason are logged at start-up",
+    )
+    optimisation.add_argument(
+        "--bf16", action=_Precision, nargs=0, help="same as --dtype bf16 (--no-bf16: --dtype fp32)"
+    )
+    optimisation.add_argument("--no-bf16", action=_Precision, nargs=0, help=argparse.SUPPRESS)
     optimisation.add_argument(
         "--grad-checkpointing",
         action=argparse.BooleanOptionalAction,
@@ -173,6 +183,16 @@ def run_train(args: argparse.Namespace) -> int:
             summary += " (stopped early)"
         print(f"{summary}\nadapter, metrics.jsonl, loss.png and run_config.yaml in {config.output}")
     return 0
+
+
+class _Precision(argparse.Action):
+    """``--dtype X`` and the older ``--bf16`` / ``--no-bf16``: set ``dtype`` and ``bf16`` together, so the
+    flag overrides a run config's ``bf16`` and ``dtype`` alike."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        dtype = {"--bf16": "bf16", "--no-bf16": "fp32"}.get(option_string or "", values)
+        namespace.dtype, namespace.bf16 = dtype, dtype == "bf16"
 
 
 def _format(value: str) -> str | None:

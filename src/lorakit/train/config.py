@@ -18,6 +18,7 @@ TASKS = ("causal", "classify")
 METHODS = ("lora", "full")  # full: every parameter trains, no adapter
 SCHEDULERS = ("cosine", "linear", "constant")
 LONG_EXAMPLES = ("truncate", "skip")
+DTYPES = ("auto", "bf16", "fp32")  # as lorakit.train.precision.DTYPES (that module imports torch)
 _NAMES = re.compile(r"\s*[\w.\-]+\s*(,\s*[\w.\-]+\s*)*")
 # Names other tools use for the same option (transformers' TrainingArguments, PEFT): only for the hint.
 _SYNONYMS = {
@@ -81,7 +82,13 @@ class TrainConfig:
         max_new_tokens: generation length for exact match.
         early_stopping_patience: stop after this many evaluations without improvement; the adapter
             kept at the end is then the best one seen.
-        bf16: bfloat16 autocast (CPU or CUDA); the adapters and the optimizer stay fp32.
+        dtype: ``auto`` (bf16 autocast where the device computes bf16 natively -- a CPU with AVX512-BF16,
+            AMX or Arm BF16, an Ampere or later GPU -- fp32 elsewhere; `train` logs what it chose and
+            why: `lorakit.train.precision`), ``bf16`` or ``fp32``. `train` resolves ``auto`` before the
+            run starts (its run_config.yaml records the choice); `fit` reads ``bf16`` alone.
+        bf16: bfloat16 autocast (CPU or CUDA); the adapters and the optimizer stay fp32. True is
+            ``dtype="bf16"`` (the older switch); with ``dtype="auto"`` it stays False until `train`
+            resolves the choice.
         grad_checkpointing: recompute the transformer blocks in backward (less memory, ~30 % slower).
         lean_activations: keep norm, activation and gated-MLP outputs for backward as recipes rebuilt
             from tensors kept anyway (`lorakit.train.lean_activations`): same gradients, ~40 % fewer
@@ -138,6 +145,7 @@ class TrainConfig:
     max_new_tokens: int = 32
     early_stopping_patience: int | None = None
 
+    dtype: str = "auto"
     bf16: bool = False
     grad_checkpointing: bool = False
     lean_activations: bool = True
@@ -174,6 +182,12 @@ class TrainConfig:
             )
         _one_of("scheduler", self.scheduler, SCHEDULERS)
         _one_of("long_examples", self.long_examples, LONG_EXAMPLES)
+        _one_of("dtype", self.dtype, DTYPES)
+        if self.bf16 and self.dtype == "fp32":
+            raise ValueError("bf16=True contradicts dtype='fp32'; give one of them")
+        if self.bf16:  # the older switch: bf16 on is dtype bf16
+            self.dtype = "bf16"
+        self.bf16 = self.dtype == "bf16"
         _one_of("eval_metric", self.eval_metric, tuple(EVAL_METRICS))
         if self.quantize is not None:
             _one_of("quantize", self.quantize, ("nf4",))

@@ -24,6 +24,7 @@ from lorakit.train.distributed import Distributed
 from lorakit.train.evaluate import Scorer, exact_match_scorer
 from lorakit.train.loop import fit, make_autocast
 from lorakit.train.output import prepare_output
+from lorakit.train.precision import choose_precision, log_precision
 from lorakit.train.progress import TrainCallback
 from lorakit.train.state import TrainResult
 
@@ -70,6 +71,10 @@ def train(config: TrainConfig, progress: TrainCallback | None = None) -> TrainRe
     if (config.eval_every or config.early_stopping_patience) and not config.eval_data:
         raise ValueError("eval_every / early_stopping_patience need eval_data")
     context = Distributed.from_env(config.device)
+    # dtype auto becomes bf16 or fp32 for this device (the run records the choice); said once the output
+    # folder is known to be free, so that a refused run prints its error alone.
+    precision = choose_precision(config.dtype, context.device)
+    config = config.replace(dtype=precision.dtype, bf16=precision.bf16)
     try:
         # Before anything is loaded or written: the folder must be free for this run (every process
         # checks, the main one alone clears a previous run when asked to).
@@ -77,6 +82,7 @@ def train(config: TrainConfig, progress: TrainCallback | None = None) -> TrainRe
         context.barrier()
         if context.is_main:
             prepare_output(config)
+            log_precision(precision)
         context.barrier()
         seed_everything(config.seed)  # the adapter's initial weights and a classifier head's
         model, tokenizer, train_examples, eval_examples, eval_rows = _prepare(config)

@@ -1,0 +1,111 @@
+"""The training precision a run asks for (``dtype``: ``auto``, ``bf16``, ``fp32``) made concrete for a device.
+
+``auto`` picks bf16 autocast where bf16 matrix products run natively, fp32 elsewhere:
+
+- CPU: native bf16 dot-product instructions -- AMX-BF16 or AVX512-BF16 on x86 (``amx_bf16`` /
+  ``avx512_bf16`` in ``/proc/cpuinfo``), the BF16 extension on Arm (``bf16`` in the ``Features`` line).
+  Without them (an AVX2-only or plain AVX-512 x86 CPU) oneDNN emulates bf16 through fp32 conversions and a
+  bf16 step runs several times *slower* than fp32, so ``auto`` keeps fp32 there.
+- CUDA: ``torch.cuda.is_bf16_supported(including_emulation=False)`` (compute capability 8.0+: Ampere on).
+- anything else (MPS, XPU, an unreadable CPU description): fp32, the safe answer.
+
+Adapters and the optimizer stay fp32 in every case; bf16 only changes the autocast region of the step.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPES = ("auto", "bf16", "fp32")
+_CPUINFO = Path("/proc/cpuinfo")
+# x86 flag -> the name users know, most capable first.
+_X86_BF16_FLAGS = (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"))
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """What a run computes in and why: ``bf16`` (autocast on) or not, and a one-line reason."""
+
+    bf16: bool
+    reason: str
+
+    @property
+    def dtype(self) -> str:
+        return "bf16" if self.bf16 else "fp32"
+
+
+def cpu_flags(cpuinfo: Path = _CPUINFO) -> set[str]:
+    """The feature flags of the first CPU in ``/proc/cpuinfo`` (x86 ``flags``, Arm ``Features``); empty
+    when the file is missing or unreadable (not Linux)."""
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            return set(value.split())
+    return set()
+
+
+def cpu_bf16_instructions(flags: set[str] | None = None) -> str | None:
+    """The name of this CPU's native bf16 matrix instructions (``"AMX-BF16"``, ``"AVX512-BF16"``,
+    ``"Arm BF16"``), or None when it has none (bf16 would be emulated, slowly)."""
+    flags = cpu_flags() if flags is None else flags
+    for flag, name in _X86_BF16_FLAGS:
+        if flag in flags:
+            return name
+    if "bf16" in flags and platform.machine().lower() in ("aarch64", "arm64"):
+        return "Arm BF16"
+    return None
+
+
+def cuda_bf16_native(device: torch.device) -> bool:
+    """Whether the CUDA device computes bf16 natively (Ampere, compute capability 8.0, and later)."""
+    if not torch.cuda.is_available():
+        return False
+    with torch.cuda.device(device):
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+
+
+def choose_precision(dtype: str, device: torch.device) -> PrecisionChoice:
+    """``dtype`` (``auto``, ``bf16``, ``fp32``) made concrete for ``device``, with the reason.
+
+    Raises:
+        ValueError: ``dtype`` is not one of `DTYPES`.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if dtype == "bf16":
+        return PrecisionChoice(True, "bf16 autocast, as asked (dtype bf16)")
+    if dtype == "fp32":
+        return PrecisionChoice(False, "fp32, as asked (dtype fp32)")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else str(device)
+        if cuda_bf16_native(device):
+            return PrecisionChoice(True, f"bf16 autocast: {name} computes bf16 natively (dtype auto)")
+        return PrecisionChoice(False, f"fp32: {name} has no native bf16 (dtype auto)")
+    if device.type == "cpu":
+        instructions = cpu_bf16_instructions()
+        if instructions is not None:
+            return PrecisionChoice(
+                True, f"bf16 autocast: this CPU has {instructions} instructions (dtype auto)"
+            )
+        return PrecisionChoice(
+            False,
+            "fp32: this CPU has no native bf16 matrix instructions (AVX512-BF16, AMX, Arm BF16), on which "
+            "bf16 would run several times slower (dtype auto; --dtype bf16 forces it)",
+        )
+    return PrecisionChoice(False, f"fp32: no bf16 rule for device type {device.type!r} (dtype auto)")
+
+
+def log_precision(choice: PrecisionChoice) -> None:
+    """Say at start-up what the run computes in and why (logger ``lorakit.train.precision``)."""
+    logger.info("precision: %s", choice.reason)

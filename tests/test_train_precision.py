@@ -1,0 +1,168 @@
+"""`dtype`: auto picks bf16 autocast where the device computes bf16 natively and fp32 elsewhere, says why,
+and the run records the choice. The hardware answer is forced both ways (monkeypatched detection)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from train_support import train_losses, write_chat_jsonl, write_tiny_model
+
+from lorakit.cli.main import build_parser
+from lorakit.train import TrainConfig, build_config, train
+from lorakit.train import precision as precision_module
+from lorakit.train.precision import choose_precision, cpu_bf16_instructions, cpu_flags
+
+CPU = torch.device("cpu")
+X86_HEAD = "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Some CPU\n"
+
+
+def _cpuinfo(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cpuinfo"
+    path.write_text(text)
+    return path
+
+
+# --- detection ----------------------------------------------------------------------------------------------
+
+
+def test_cpu_flags_read_the_x86_flags_line(tmp_path: Path) -> None:
+    path = _cpuinfo(tmp_path, X86_HEAD + "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16\nbugs\t: x\n")
+    assert cpu_flags(path) == {"fpu", "sse2", "avx2", "avx512f", "avx512_bf16"}
+    assert cpu_flags(tmp_path / "missing") == set()  # not Linux: nothing known
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ({"avx2", "avx512f", "avx512_bf16"}, "AVX512-BF16"),
+        ({"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}, "AMX-BF16"),
+        ({"avx2", "fma"}, None),  # an AVX2-only CPU: bf16 would be emulated
+        ({"avx2", "avx512f", "avx512bw"}, None),  # AVX-512 without its bf16 extension
+        (set(), None),
+    ],
+)
+def test_x86_bf16_instructions(flags: set[str], expected: str | None) -> None:
+    assert cpu_bf16_instructions(flags) == expected
+
+
+def test_arm_bf16_feature_counts_only_on_arm(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(precision_module.platform, "machine", lambda: "aarch64")
+    assert cpu_bf16_instructions({"fp", "asimd", "bf16"}) == "Arm BF16"
+    assert cpu_bf16_instructions({"fp", "asimd"}) is None
+    monkeypatch.setattr(precision_module.platform, "machine", lambda: "x86_64")
+    assert cpu_bf16_instructions({"bf16"}) is None
+
+
+# --- the choice ---------------------------------------------------------------------------------------------
+
+
+def test_auto_on_a_cpu_with_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(precision_module, "cpu_bf16_instructions", lambda: "AVX512-BF16")
+    choice = choose_precision("auto", CPU)
+    assert choice.bf16 and choice.dtype == "bf16"
+    assert "AVX512-BF16" in choice.reason and "auto" in choice.reason
+
+
+def test_auto_on_a_cpu_without_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(precision_module, "cpu_bf16_instructions", lambda: None)
+    choice = choose_precision("auto", CPU)
+    assert not choice.bf16 and choice.dtype == "fp32"
+    assert "no native bf16" in choice.reason and "--dtype bf16" in choice.reason
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_on_cuda_follows_native_bf16(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    monkeypatch.setattr(precision_module, "cuda_bf16_native", lambda device: native)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the name falls back to the device
+    choice = choose_precision("auto", torch.device("cuda", 0))
+    assert choice.bf16 is native
+    assert "cuda:0" in choice.reason
+
+
+def test_explicit_dtypes_win_over_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(precision_module, "cpu_bf16_instructions", lambda: None)
+    assert choose_precision("bf16", CPU).bf16
+    monkeypatch.setattr(precision_module, "cpu_bf16_instructions", lambda: "AMX-BF16")
+    assert not choose_precision("fp32", CPU).bf16
+    assert not choose_precision("auto", torch.device("meta")).bf16  # no rule: the safe answer
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        choose_precision("fp16", CPU)
+
+
+# --- the option ---------------------------------------------------------------------------------------------
+
+
+def test_config_dtype_and_the_older_bf16_switch() -> None:
+    assert TrainConfig().dtype == "auto" and TrainConfig().bf16 is False
+    assert TrainConfig(bf16=True).dtype == "bf16"
+    assert TrainConfig(dtype="bf16").bf16 is True
+    assert TrainConfig(dtype="fp32").bf16 is False
+    with pytest.raises(ValueError, match="contradicts"):
+        TrainConfig(dtype="fp32", bf16=True)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        TrainConfig(dtype="float16")
+
+
+def test_cli_flags_override_the_run_config_either_way(tmp_path: Path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"bf16": True}))
+    parser = build_parser()
+
+    def built(*flags: str) -> TrainConfig:
+        args = parser.parse_args(["train", "--config", str(config), *flags])
+        keep = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "quiet")}
+        return build_config(args.config, keep)
+
+    assert built().dtype == "bf16"
+    assert built("--dtype", "fp32").dtype == "fp32"
+    assert built("--no-bf16").dtype == "fp32"
+    assert built("--dtype", "auto").dtype == "auto"
+    config.write_text(yaml.safe_dump({"dtype": "fp32"}))
+    assert built("--bf16").dtype == "bf16"
+
+
+# --- a run --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("precision")
+    return write_tiny_model(folder / "model"), write_chat_jsonl(folder / "train.jsonl", 8, seed=0)
+
+
+def _run(tmp_path: Path, inputs: tuple[Path, Path], name: str, **options: object) -> Path:
+    model, data = inputs
+    output = tmp_path / name
+    config = TrainConfig(
+        model=str(model), data=str(data), r=4, alpha=8, targets="q_proj,v_proj", lr=1e-2, steps=2,
+        batch_size=4, output=str(output), **options,
+    )
+    train(config)
+    return output
+
+
+@pytest.mark.parametrize(("native", "expected"), [("AVX512-BF16", "bf16"), (None, "fp32")])
+def test_train_resolves_auto_logs_why_and_records_the_choice(
+    tmp_path: Path,
+    tiny_run_inputs: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    native: str | None,
+    expected: str,
+) -> None:
+    monkeypatch.setattr(precision_module, "cpu_bf16_instructions", lambda: native)
+    with caplog.at_level(logging.INFO, logger="lorakit.train.precision"):
+        output = _run(tmp_path, tiny_run_inputs, "auto")
+    said = [r.getMessage() for r in caplog.records if r.name == "lorakit.train.precision"]
+    assert len(said) == 1 and said[0].startswith(f"precision: {expected}")
+    recorded = yaml.safe_load((output / "run_config.yaml").read_text())
+    assert recorded["dtype"] == expected and recorded["bf16"] is (expected == "bf16")
+    # The choice is the one that ran: the same losses as the run that asked for it by name.
+    named = _run(tmp_path, tiny_run_inputs, "named", dtype=expected)
+    assert train_losses(output) == train_losses(named)
+    other = _run(tmp_path, tiny_run_inputs, "other", dtype="fp32" if expected == "bf16" else "bf16")
+    assert train_losses(output) != train_losses(other)
