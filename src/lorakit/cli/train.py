@@ -160,6 +160,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     run.add_argument("--log-every", type=int, help="metrics.jsonl record every N steps (default 1)")
     run.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA if present)")
+    run.add_argument(
+        "--fsdp",
+        action=argparse.BooleanOptionalAction,
+        help="under torchrun: shard the base, the adapter and its optimizer state over the processes "
+        "(FSDP2, one unit per decoder layer) instead of replicating them (DDP)",
+    )
     parser.set_defaults(func=run_train)
 
 

@@ -106,6 +106,9 @@ class TrainConfig:
         device: ``cpu``, ``cuda``, ``cuda:1``; None picks CUDA when there is one (per local rank).
         ddp_find_unused_parameters: let DDP search for adapters that get no gradient (slower; only needed
             when an adapted module does not take part in the loss).
+        fsdp: under torchrun, shard the frozen base, the adapter, its gradients and AdamW state over the
+            processes with FSDP2, one unit per decoder layer (`lorakit.train.fsdp`); the adapter written is
+            the whole one. Not with ``quantize``, ``method="full"`` or ``exact_match_examples``.
     """
 
     model: str | None = None
@@ -159,6 +162,7 @@ class TrainConfig:
     log_every: int = 1
     device: str | None = None
     ddp_find_unused_parameters: bool = False
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         # PyYAML reads `2e-4` (no dot) as a string; numbers written that way are meant as floats.
@@ -189,6 +193,8 @@ class TrainConfig:
             self.dtype = "bf16"
         self.bf16 = self.dtype == "bf16"
         _one_of("eval_metric", self.eval_metric, tuple(EVAL_METRICS))
+        if self.fsdp:
+            _check_fsdp(self)
         if self.quantize is not None:
             _one_of("quantize", self.quantize, ("nf4",))
         for name in (
@@ -302,6 +308,21 @@ def write_yaml(config: TrainConfig, path: str | Path) -> None:
     import yaml
 
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def _check_fsdp(config: TrainConfig) -> None:
+    """Options FSDP does not run with: a 4-bit base cannot be split into DTensor shards; exact-match
+    generation runs on rank 0 alone while every forward of a sharded model needs all processes; full
+    fine-tuning would gather the whole model at each checkpoint."""
+    if config.quantize is not None:
+        raise ValueError("fsdp cannot shard a 4-bit (quantize='nf4') base; train QLoRA without fsdp (DDP)")
+    if config.method != "lora":
+        raise ValueError("fsdp shards LoRA training (method='lora'); full fine-tuning is not supported")
+    if config.exact_match_examples:
+        raise ValueError(
+            "fsdp does not run the exact-match scorer (generation on one process of a sharded model); "
+            "set exact_match_examples to 0 or train without fsdp"
+        )
 
 
 def _one_of(name: str, value: Any, choices: tuple[Any, ...]) -> None:

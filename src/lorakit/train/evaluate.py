@@ -53,13 +53,18 @@ def evaluate_loss(
     task = loss_module.task
     totals = torch.zeros(3, dtype=torch.float64)  # loss sum, targets, correct
     indices = shard_indices(len(dataset), context.world_size, context.rank)
+    starts: list[int | None] = list(range(0, len(indices), batch_size))
+    # Under FSDP every forward is a collective: each process runs as many batches as the busiest one,
+    # the extra ones on example 0, not counted.
+    starts += [None] * (max(context.gather_objects(len(starts))) - len(starts))
     with eval_mode(loss_module):
-        for start in range(0, len(indices), batch_size):
-            batch = to_device(
-                collate([dataset[i] for i in indices[start : start + batch_size]]), context.device
-            )
+        for start in starts:
+            chosen = [0] if start is None else indices[start : start + batch_size]
+            batch = to_device(collate([dataset[i] for i in chosen]), context.device)
             with autocast():
                 loss_sum, logits = loss_module(batch)
+            if start is None:
+                continue
             totals[0] += float(loss_sum)
             totals[1] += count_label_tokens(batch, task)
             if task == "classify":

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.train import fsdp
 from lorakit.train.adapter import load_trainable_state, trainable_state, write_adapter
 from lorakit.train.checkpoint import (
     capture_rng_state,
@@ -120,8 +121,10 @@ class Trainer:
         if config.grad_checkpointing:
             enable_gradient_checkpointing(model)
         model.train()
-        self.named_parameters = trainable_named_parameters(model)
         self.loss_module = LossModule(model, config.task, config.loss_chunk_size)
+        if config.fsdp:  # before the optimizer is built: sharding replaces the parameters by DTensors
+            fsdp.shard_model(self.loss_module, model, context, config.bf16)
+        self.named_parameters = trainable_named_parameters(model)
         # Checkpointed blocks keep only their inputs, and their recompute in backward runs outside the
         # context: the two do not mix (and together would save nothing more).
         lean = config.lean_activations and not config.grad_checkpointing
@@ -160,10 +163,12 @@ class Trainer:
                     "ones, so nothing was changed. Ask for at least that many steps"
                 )
         else:
-            context.broadcast_parameters([p for _, p in self.named_parameters])
+            context.broadcast_parameters([] if config.fsdp else [p for _, p in self.named_parameters])
             # Each process its own dropout stream; rank 0's equals a single-process run's.
             seed_everything(config.seed + context.rank)
-        self.ddp = wrap_ddp(self.loss_module, context, config.ddp_find_unused_parameters)
+        self.ddp = self.loss_module  # sharded in place under FSDP
+        if not config.fsdp:
+            self.ddp = wrap_ddp(self.loss_module, context, config.ddp_find_unused_parameters)
         self.callback = callback if (callback is not None and context.is_main) else TrainCallback()
         self.log = MetricsLog(self.output) if context.is_main and not self.already_finished else None
         if self.log is not None:
@@ -229,7 +234,7 @@ class Trainer:
         for index, batch in enumerate(batches):
             # DDP all-reduces the gradients in the backward of the last micro-batch only.
             last = index == len(batches) - 1
-            sync = contextlib.nullcontext() if last or not context.enabled else self.ddp.no_sync()
+            sync = contextlib.nullcontext() if last or not context.enabled else fsdp.no_sync(self.ddp)
             with sync:
                 with self.autocast(), self.lean:
                     loss_sum, _ = self.ddp(batch)
@@ -239,7 +244,9 @@ class Trainer:
             check_all_have_grads(self.named_parameters)
             self.grads_checked = True
         max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in self.named_parameters], max_norm))
+        grad_norm = fsdp.scalar(
+            torch.nn.utils.clip_grad_norm_([p for _, p in self.named_parameters], max_norm)
+        )
         learning_rate = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -281,9 +288,11 @@ class Trainer:
         if watched not in metrics:
             raise ValueError(f"eval_metric={config.eval_metric!r} but the evaluation gives {sorted(metrics)}")
         if self.early.update(metrics[watched], self.position.step) and config.early_stopping_patience:
-            self.best_state = trainable_state(self.model)
+            with fsdp.full_trainable_state(self.model):
+                self.best_state = trainable_state(self.model)
         return record
 
+    @fsdp.gathers_trainable_state  # under FSDP: the whole adapter and optimizer state, unsharded
     def _save_checkpoint(self) -> None:
         rng_states = self.context.gather_objects(capture_rng_state())  # a collective: every process joins
         if self.context.is_main:
@@ -313,6 +322,7 @@ class Trainer:
             self.callback.on_checkpoint(path)
         self.context.barrier()
 
+    @fsdp.gathers_trainable_state
     def _restore(self, path: Path) -> None:
         state = load_checkpoint(path)
         check_resumable(state, self.config, self.plan, path)
@@ -328,6 +338,7 @@ class Trainer:
         else:  # another number of processes: the data order continues exactly, dropout starts anew
             seed_everything(self.config.seed + self.context.rank + self.position.step)
 
+    @fsdp.gathers_trainable_state
     def _finish(self, result: TrainResult) -> None:
         if self.best_state is not None:
             load_trainable_state(self.model, self.best_state)
