@@ -77,7 +77,12 @@ def shard_model(root: nn.Module, model: nn.Module, context: Distributed, bf16: b
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(root, mesh=mesh, mp_policy=policy)
-    logger.info("fsdp: %d decoder layers and the root sharded over %d processes", len(layers), mesh.size())
+    logger.info(
+        "fsdp: %d decoder layers and the root sharded over %d processes, computing in %s",
+        len(layers),
+        mesh.size(),
+        "bf16 (fp32 gradient reduction)" if bf16 else "fp32",
+    )
     return root
 
 
