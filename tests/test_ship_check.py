@@ -166,3 +166,16 @@ def test_inspect_cli_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert data["rank"] == 8 and len(data["layers"]) == 8 and data["flagged"] == []
     assert main(["inspect", str(adapter)]) == 0
     assert "no layer flagged" in capsys.readouterr().out
+
+
+def test_vllm_embedding_modules_depend_on_the_model_class(tmp_path: Path) -> None:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False)
+    qwen = Qwen2ForCausalLM(config).eval()
+    qwen.save_pretrained(str(tmp_path / "qwen"))
+    with_embedding = peft_adapter(tmp_path / "emb-qwen", qwen, target_modules=["q_proj", "embed_tokens"])
+    assert "vllm-target-modules" in finding_ids(with_embedding, "vllm", base=tmp_path / "qwen")
+    llama_embedding = peft_adapter(tmp_path / "emb-llama", target_modules=["q_proj", "embed_tokens"])
+    assert "vllm-target-modules" not in finding_ids(llama_embedding, "vllm", base=base_folder(tmp_path / "b"))

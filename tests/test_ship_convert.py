@@ -79,7 +79,7 @@ def test_modules_to_save_and_bias_dropped_only_when_asked(tmp_path: Path) -> Non
     with pytest.raises(ValueError, match="--drop-bias"):
         convert_adapter(adapter, tmp_path / "b", "vllm", drop_modules_to_save=True)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
-    with pytest.warns(UserWarning, match="lm_head"):
+    with pytest.warns(UserWarning, match="lm_head"), pytest.warns(UserWarning, match="biases"):
         report = convert_adapter(adapter, tmp_path / "c", "vllm", drop_modules_to_save=True, drop_bias=True)
     assert any("lm_head" in item for item in report.dropped) and any("bias" in i for i in report.dropped)
     assert check_adapter(tmp_path / "c", "vllm").ok

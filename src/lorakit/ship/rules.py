@@ -41,14 +41,14 @@ Effect = Literal["refuses", "computes something else"]
 
 VLLM_DEFAULT_MAX_LORA_RANK = 16
 VLLM_ALLOWED_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-# vLLM's LoRA-capable modules of its LLaMA-family classes: the packed qkv_proj / gate_up_proj are listed by
-# their PEFT names, plus the embedding_modules (embed_tokens, lm_head) these classes declare.
-_LLAMA_FAMILY_MODULES = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                   "down_proj", "embed_tokens", "lm_head"})
+# vLLM's LoRA-capable modules per model class (vllm/model_executor/models/llama.py, qwen2.py): the packed
+# qkv_proj / gate_up_proj by their PEFT names, plus the class's embedding_modules. LlamaForCausalLM (which
+# also serves MistralForCausalLM) declares embed_tokens and lm_head; Qwen2ForCausalLM declares none.
+_PROJECTIONS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
 VLLM_KNOWN_MODULES: dict[str, frozenset[str]] = {
-    "LlamaForCausalLM": _LLAMA_FAMILY_MODULES,
-    "MistralForCausalLM": _LLAMA_FAMILY_MODULES,
-    "Qwen2ForCausalLM": _LLAMA_FAMILY_MODULES,
+    "LlamaForCausalLM": _PROJECTIONS | {"embed_tokens", "lm_head"},
+    "MistralForCausalLM": _PROJECTIONS | {"embed_tokens", "lm_head"},
+    "Qwen2ForCausalLM": _PROJECTIONS,
 }
 
 
@@ -204,7 +204,7 @@ VLLM_RULES: tuple[Rule, ...] = (
     Rule("vllm-rank", "vllm", "vllm/lora/peft_helper.py, vllm/config/lora.py", "refuses",
          "LoRA rank is greater than max_lora_rank (vLLM's default is 16)",
          _CONVERT + " --max-lora-rank R  (truncated SVD, error reported)", _rank_over_limit),
-    Rule("vllm-target-modules", "vllm", "vllm/lora/lora_model.py", "refuses",
+    Rule("vllm-target-modules", "vllm", "vllm/lora/lora_model.py, vllm/model_executor/models/*.py", "refuses",
          "expected target modules in {the model class's LoRA modules} but received [...]",
          "no conversion: retrain without these modules, or merge them into the base (lorakit merge)",
          _unknown_targets),
