@@ -155,8 +155,11 @@ def test_inspect_flags_zero_nonfinite_and_large(tmp_path: Path) -> None:
     tensors[f"{prefix}.4.q_proj.lora_B.weight"] = torch.full((8, 2), 0.1)
     config = {"r": 2, "lora_alpha": 2, "target_modules": ["q_proj"]}
     adapter = raw_adapter(tmp_path / "broken", config, tensors)
-    flags = {layer.module.split(".")[2]: layer.flags for layer in inspect_adapter(adapter).layers}
+    report = inspect_adapter(adapter)
+    flags = {layer.module.split(".")[2]: layer.flags for layer in report.layers}
     assert flags == {"0": (), "1": ("all-zero",), "2": ("non-finite",), "3": ("large",), "4": ()}
+    assert json.loads(json.dumps(report.to_dict(), allow_nan=False))["flagged"] == [
+        layer.module for layer in report.layers if layer.flags]
 
 
 def test_inspect_cli_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

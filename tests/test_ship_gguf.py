@@ -133,3 +133,16 @@ def test_qwen2_base_keeps_hf_row_order(tmp_path: Path) -> None:
     assert set(updates) == {gguf_name(module) for module in expected}
     for module, delta in expected.items():  # llama.cpp's Qwen2 converter does not permute Q / K
         torch.testing.assert_close(updates[gguf_name(module)], delta, atol=1e-6, rtol=1e-5)
+
+
+def test_gguf_f16(tmp_path: Path) -> None:
+    adapter = peft_adapter(tmp_path / "adapter", r=4, lora_alpha=8, use_rslora=True)
+    export_gguf(adapter, base_folder(tmp_path / "base"), tmp_path / "a.gguf", dtype="f16")
+    reader, updates = rebuilt_updates(tmp_path / "a.gguf")
+    assert {t.tensor_type for t in reader.tensors} == {gguf.GGMLQuantizationType.F16}
+    for module, delta in peft_merged_deltas(adapter).items():
+        if module.endswith("q_proj"):
+            delta = delta[interleave_rows(HEADS, delta.shape[0])]
+        elif module.endswith("k_proj"):
+            delta = delta[interleave_rows(KV_HEADS, delta.shape[0])]
+        torch.testing.assert_close(updates[gguf_name(module)], delta, atol=1e-3, rtol=1e-2)

@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
 
     report = inspect_adapter(args.adapter)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2, default=str))
+        print(json.dumps(report.to_dict(), indent=2, default=str, allow_nan=False))
         return 0
     print(f"adapter        {report.path}")
     print(f"base model     {report.base_model}")

@@ -15,6 +15,7 @@ two r × r Gram matrices, in float64. Flags:
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -67,7 +68,10 @@ class AdapterReport:
         return [layer for layer in self.layers if layer.flags]
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON data (a non-finite norm becomes null: JSON has no NaN)."""
         out = asdict(self)
+        for layer in out["layers"]:
+            layer["norm"] = layer["norm"] if math.isfinite(layer["norm"]) else None
         out["flagged"] = [layer.module for layer in self.flagged]
         return out
 
