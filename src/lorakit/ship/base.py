@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from lorakit.analysis.weights import ModelFolder, resolve_base_name
+from lorakit.models.folder import ModelFolder, resolve_base_name
 from lorakit.models.loading import model_folder
 
 
