@@ -29,7 +29,8 @@ def relative_errors(before: dict[str, torch.Tensor], after: dict[str, torch.Tens
 
 @pytest.mark.parametrize("engine", ["vllm", "llama.cpp", "sglang", "lorax"])
 def test_fold_scales_and_patterns_exactly(engine: str, tmp_path: Path) -> None:
-    adapter = peft_adapter(tmp_path / "in", r=8, lora_alpha=16, use_rslora=True, target_modules=ALL,
+    adapter = peft_adapter(tmp_path / "in", r=8, lora_alpha=16, use_rslora=True,
+                           target_modules=[*ALL, "embed_tokens"],
                            rank_pattern={"v_proj": 4, "down_proj": 2}, alpha_pattern={"o_proj": 5})
     assert not check_adapter(adapter, engine).ok
     report = convert_adapter(adapter, tmp_path / "out", engine)
@@ -42,9 +43,9 @@ def test_fold_scales_and_patterns_exactly(engine: str, tmp_path: Path) -> None:
 
 
 def test_rank_cap_by_svd_within_reported_error(tmp_path: Path) -> None:
-    adapter = peft_adapter(tmp_path / "in", r=16, lora_alpha=8, target_modules=ALL)
+    adapter = peft_adapter(tmp_path / "in", r=16, lora_alpha=8, target_modules=[*ALL, "embed_tokens"])
     report = convert_adapter(adapter, tmp_path / "out", "vllm", max_lora_rank=4)
-    assert report.rank == 4 and len(report.truncated) == 14
+    assert report.rank == 4 and len(report.truncated) == 15
     assert check_adapter(tmp_path / "out", "vllm", max_lora_rank=4).ok
     measured = relative_errors(peft_merged_deltas(adapter), peft_merged_deltas(tmp_path / "out"))
     for layer in report.layers:
