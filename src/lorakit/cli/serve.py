@@ -22,6 +22,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-cpu-loras", type=int, default=32, help="parsed adapters kept in host memory")
     parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    scale = parser.add_argument_group("replicas (Ray Serve; pip install lorakit[ray]; docs/distributed.md)")
+    scale.add_argument("--ray", action="store_true",
+                       help="serve with Ray Serve replicas routed by adapter (joins RAY_ADDRESS if set)")
+    scale.add_argument("--replicas", type=int, default=2, help="engine replicas with --ray (default 2)")
+    scale.add_argument("--adapters-per-replica", type=int, default=None,
+                       help="adapters a replica keeps for affinity (default: --max-loras)")
+    scale.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica")
+    scale.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs Ray reserves per replica")
     parser.set_defaults(func=run)
 
 
@@ -33,5 +41,14 @@ def run(args: argparse.Namespace) -> int:
                            api_key=args.api_key, max_batch=args.max_batch, max_loras=args.max_loras,
                            max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
                            max_queue=args.max_queue, dtype=args.dtype)
+    if args.ray:
+        from lorakit.serve.ray_app import RayOptions, run_ray_server
+
+        if args.replicas < 1:
+            raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+        scale = RayOptions(replicas=args.replicas, adapters_per_replica=args.adapters_per_replica,
+                           replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus)
+        run_ray_server(options, scale)
+        return 0
     run_server(options)
     return 0

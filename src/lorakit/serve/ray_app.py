@@ -337,7 +337,8 @@ def build(args: dict[str, Any]) -> Any:
 
 def _typed(cls: type, name: str, value: Any) -> Any:
     """``value`` (a string from ``serve run``'s key=value arguments) as the field's type."""
-    annotation = str(next(f.type for f in dataclasses.fields(cls) if f.name == name))
+    declared = next(f.type for f in dataclasses.fields(cls) if f.name == name)
+    annotation = getattr(declared, "__name__", str(declared))  # "float", "int | None", ...
     if value is None or not isinstance(value, str):
         return value
     if annotation.startswith("int"):
