@@ -90,3 +90,10 @@ def test_unknown_public_name_is_an_attribute_error() -> None:
 
     with pytest.raises(AttributeError, match="no_such_name"):
         lorakit.no_such_name  # noqa: B018
+
+
+def test_the_combine_command_offers_the_library_methods() -> None:
+    from lorakit.cli.combine import METHODS as offered
+    from lorakit.combine import METHODS
+
+    assert offered == METHODS

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 
+# lorakit.combine.METHODS, written out so that `--help` needs no torch (a test keeps the two equal)
+METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from lorakit.combine import METHODS
-
     parser = subparsers.add_parser("combine", help="combine adapters into a new one (linear, cat, svd, "
                                    "TIES, DARE)", description=__doc__)
     parser.add_argument("paths", nargs="+", metavar="PATH", help="adapter folders, then the output folder")

@@ -32,6 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from lorakit.config import lora_scaling  # the standard library only: no torch for `check --help`
+
 # Annotations only: `lorakit check --help` reads ENGINES without loading torch (ship.folder does).
 if TYPE_CHECKING:
     from lorakit.ship.folder import AdapterFolder, LoraModule
@@ -142,17 +144,13 @@ def _global_scale_mismatch(rslora_read: bool) -> Condition:
         rank, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
         items = []
         for module in facts.folder.modules.values():
-            engine = _engine_scale(alpha, rank, rslora_read and facts.folder.use_rslora)
-            peft = _engine_scale(module.alpha, module.rank, rslora_read and facts.folder.use_rslora)
+            engine = lora_scaling(alpha, rank, rslora_read and facts.folder.use_rslora)
+            peft = lora_scaling(module.alpha, module.rank, rslora_read and facts.folder.use_rslora)
             if (module.rank, module.alpha) != (rank, alpha) and _differs(engine, peft):
                 items.append(_pattern_item(module, rank, alpha))
         return items
 
     return condition
-
-
-def _engine_scale(alpha: float, rank: int, rslora: bool) -> float:
-    return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
 def _pattern_item(module: LoraModule, rank: int, alpha: float) -> str:
