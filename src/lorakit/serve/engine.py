@@ -21,7 +21,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import torch
@@ -41,6 +41,8 @@ from lorakit.serve.pool import AdapterPool, SlotModule, module_shape
 from lorakit.serve.requests import Event, Request
 from lorakit.serve.sampling import find_stop, held_back, sample_token
 from lorakit.serve.scheduler import PaddedBatch, SlotTable
+
+LOAD_GRACE_SECONDS = 0.02  # how long a step waits for adapter files being read before admitting
 
 
 class EngineObserver:
@@ -252,6 +254,7 @@ class Engine:
             self._finish(request, "error", AdapterError(f"adapter {name!r} was unloaded", status=404))
 
     def _admit(self) -> bool:
+        self._start_loads()
         admitted, blocked = False, deque()
         while self.waiting:
             request = self.waiting.popleft()
@@ -274,6 +277,26 @@ class Engine:
             admitted = True
         self.waiting = blocked
         return admitted
+
+    def _start_loads(self) -> None:
+        """Start reading every adapter a waiting request needs, then give them a moment to finish.
+
+        Reading an adapter file takes milliseconds; waiting up to `LOAD_GRACE_SECONDS` here lets such loads
+        join this step instead of the next one, while a slow disk still never stalls decoding for longer.
+        """
+        pending = []
+        for request in self.waiting:
+            key = request.model
+            if key is None or self.slots.lookup(key) is not None or self.host.get(key) is not None:
+                continue
+            future = self._loading.get(key)
+            if future is None:
+                self._loading[key] = future = self._loader.submit(self._parse, key)
+                future.add_done_callback(lambda _: self._notify())
+            if not future.done():
+                pending.append(future)
+        if pending:
+            wait(pending, timeout=LOAD_GRACE_SECONDS)
 
     def _slot_for(self, key: str | None) -> int | None:
         """The slot holding ``key`` (writing it if needed), or None while it loads or no slot is free."""
