@@ -141,25 +141,46 @@ def trainable(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Paramete
     return [(name.removeprefix(prefix), p) for name, p in model.named_parameters() if p.requires_grad]
 
 
-def load_base(quantized: bool, dtype: str) -> nn.Module:
-    """The SmolLM2 base: fp32, or NF4 with fp32 (fp32 row) / bf16 (bf16 row) storage and compute."""
+def load_base(quantized: bool, dtype: str, device: str = "cpu") -> nn.Module:
+    """The SmolLM2 base: fp32, or NF4 with fp32 (fp32 row) / bf16 / fp16 storage and compute.
+
+    On another ``device`` (benchmarks/gpu_check.py) a plain base is moved there; an NF4 base is quantised
+    there while it loads (bitsandbytes quantises on the device the weights land on).
+    """
+    storage = {"bf16": "bfloat16", "fp16": "float16"}.get(dtype, "float32")
     if not quantized:
         model, _ = load_causal_lm(MODEL)
-    else:
-        model, _ = load_causal_lm(MODEL, quantize="nf4", dtype="bfloat16" if dtype == "bf16" else "float32")
-    return model
+        return model.to(device)
+    if device == "cpu":
+        model, _ = load_causal_lm(MODEL, quantize="nf4", dtype=storage)
+        return model
+    from transformers import AutoModelForCausalLM
 
+    from lorakit.models import model_folder
+    from lorakit.models.quantize import quantization_config
 
-def build_row(row: str, dtype: str, chunk_size: int) -> tuple[Side, Side]:
-    """``(lorakit side, peft side)`` of one row, with identical initial weights."""
-    config, quantized = ROWS[row]
-    autocast = (
-        (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bf16" else contextlib.nullcontext
+    torch_dtype = getattr(torch, storage)
+    return AutoModelForCausalLM.from_pretrained(
+        model_folder(MODEL),
+        dtype=torch_dtype,
+        quantization_config=quantization_config("nf4", torch_dtype),
+        device_map={"": torch.device(device).index or 0},
     )
+
+
+def build_row(row: str, dtype: str, chunk_size: int, device: str = "cpu") -> tuple[Side, Side]:
+    """``(lorakit side, peft side)`` of one row, with identical initial weights, on ``device``.
+
+    ``dtype`` fp32, bf16 or fp16 (the last on CUDA, for benchmarks/gpu_check.py): autocast to it.
+    """
+    config, quantized = ROWS[row]
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+    kind = torch.device(device).type
+    autocast = (lambda: torch.autocast(kind, dtype=half)) if half is not None else contextlib.nullcontext
     torch.manual_seed(0)
 
-    peft_model = load_base(quantized, dtype)
-    ours = load_base(quantized, dtype)
+    peft_model = load_base(quantized, dtype, device)
+    ours = load_base(quantized, dtype, device)
     if config is None:
         peft_model.requires_grad_(True)
         ours.requires_grad_(True)
