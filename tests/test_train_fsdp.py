@@ -1,9 +1,10 @@
-"""`lorakit train --fsdp` under torchrun, 2 CPU processes (gloo), against one process with the same global batch.
+"""`lorakit train --fsdp` under torchrun, 2 CPU processes (gloo), against one process (same global batch).
 
-The oracle is the single-process run: same losses, gradient norms (clipping active, so the norm across
-shards must be the global one), evaluation losses (an eval set that splits unevenly over the processes),
-checkpoint and adapter file. The FSDP checkpoint then resumes on one process and under FSDP again, both
-giving the adapter of the uninterrupted run.
+DoRA adapters: LoRA's A and B plus 1-D magnitude vectors, all sharded. The oracle is the single-process
+run: same losses, gradient norms (clipping active, so the norm across shards must be the global one),
+evaluation losses (an eval set that splits unevenly over the processes), checkpoint and adapter file.
+The FSDP checkpoint then resumes on one process and under FSDP again, both giving the adapter of the
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         "eval_batch_size": 2,
         "r": 4,
         "alpha": 8,
+        "dora": True,  # DoRA's 1-D magnitude vectors are sharded too (and A, B as for LoRA)
         "dropout": 0.0,
         "lr": 1e-2,
         "max_grad_norm": 0.05,  # below the gradient norms: clipping acts on every step
