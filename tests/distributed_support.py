@@ -17,7 +17,6 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from lorakit.train.config import field_names
 from lorakit.train.metrics import read_metrics
 
 ENTRY = """
@@ -27,8 +26,8 @@ cli.COMMANDS = ("train",)
 sys.exit(cli.main(sys.argv[1:]))
 """
 TIMEOUT_S = 180
-# fp32 on every CPU: dtype "auto" would pick bf16 autocast on a CPU with AVX512-BF16 (where the option exists).
-FP32 = {"dtype": "fp32"} if "dtype" in field_names() else {"bf16": False}
+# fp32 on every CPU: dtype "auto" would pick bf16 autocast on a CPU with AVX512-BF16.
+FP32 = {"dtype": "fp32"}
 
 
 def environment() -> dict[str, str]:

@@ -23,9 +23,8 @@ from safetensors.torch import load_file
 from train_support import write_chat_jsonl, write_tiny_model
 
 from lorakit.train import build_config, train
-from lorakit.train.config import field_names
 
-BF16 = {"dtype": "bf16"} if "dtype" in field_names() else {"bf16": True}
+BF16 = {"dtype": "bf16"}
 
 
 def _two_nodes(folder: Path, config: Path, run_id: str) -> list:
