@@ -25,7 +25,7 @@ from train_support import write_tiny_model
 ray = pytest.importorskip("ray", reason="the ray extra (pip install lorakit[ray]) is not installed")
 from ray import serve  # noqa: E402
 
-from lorakit.serve.ray_app import REPLICA_HEADER, RayOptions, build, build_application  # noqa: E402
+from lorakit.serve.ray_app import REPLICA_HEADER, RayOptions, build, start_ray_app  # noqa: E402
 from lorakit.serve.server import ServeOptions  # noqa: E402
 
 TIMEOUT = httpx.Timeout(90.0)
@@ -43,14 +43,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     )
     try:
         port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
         options = ServeOptions(
-            model=str(model), adapters=str(adapters), max_batch=4, max_loras=2, max_lora_rank=8
+            model=str(model), adapters=str(adapters), port=port, max_batch=4, max_loras=2, max_lora_rank=8
         )
-        application = build_application(
-            options, RayOptions(replicas=2, replica_cpus=0.5, request_timeout_s=60)
-        )
-        serve.run(application, name="lorakit", route_prefix="/", blocking=False)
+        # What `lorakit serve --ray` runs (before it waits for ^C), in the Ray instance started above.
+        start_ray_app(options, RayOptions(replicas=2, replica_cpus=0.5, request_timeout_s=60))
         yield {"url": f"http://127.0.0.1:{port}", "adapters": adapters}
     finally:
         serve.shutdown()

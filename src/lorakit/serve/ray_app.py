@@ -348,8 +348,11 @@ def _typed(cls: type, name: str, value: Any) -> Any:
     return value
 
 
-def run_ray_server(options: ServeOptions, ray_options: RayOptions) -> None:
-    """Start (or join) Ray, deploy the application on ``options.host:options.port``; serve until ^C."""
+def start_ray_app(options: ServeOptions, ray_options: RayOptions) -> None:
+    """Start (or join) Ray and deploy the application ``lorakit`` on ``options.host:options.port``.
+
+    Returns once every replica is ready (Ray Serve's ``serve.run`` waits for them).
+    """
     import ray
     from ray import serve
 
@@ -357,6 +360,13 @@ def run_ray_server(options: ServeOptions, ray_options: RayOptions) -> None:
         ray.init(address=ray_options.address, include_dashboard=False, configure_logging=False)
     serve.start(http_options={"host": options.host, "port": options.port})
     serve.run(build_application(options, ray_options), name="lorakit", route_prefix="/", blocking=False)
+
+
+def run_ray_server(options: ServeOptions, ray_options: RayOptions) -> None:
+    """`start_ray_app`, then serve until interrupted (^C shuts the application down)."""
+    from ray import serve
+
+    start_ray_app(options, ray_options)
     logger.warning(
         "lorakit serve --ray: http://%s:%d/v1 base model %s, %d replica(s)",
         options.host,
