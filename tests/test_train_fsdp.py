@@ -118,3 +118,34 @@ def test_fsdp_checkpoint_resumes_on_one_process_and_under_fsdp(runs: dict) -> No
     assert train_records(folder / "resumed_fsdp", "loss") == pytest.approx(
         train_records(folder / "fsdp", "loss"), rel=1e-5
     )
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"quantize": "nf4"}, "4-bit"),
+        ({"method": "full"}, "full fine-tuning"),
+        ({"exact_match_examples": 2}, "exact-match"),
+    ],
+)
+def test_fsdp_refuses_what_it_cannot_shard_before_anything_loads(options: dict, named: str) -> None:
+    with pytest.raises(ValueError, match=named):
+        TrainConfig(fsdp=True, **options)
+
+
+def test_fsdp_on_one_process_trains_as_without_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    common = {
+        "model": str(write_tiny_model(tmp_path / "model")),
+        "data": str(write_chat_jsonl(tmp_path / "train.jsonl", 8)),
+        "r": 2,
+        "dropout": 0.0,
+        "steps": 2,
+        "batch_size": 4,
+        "device": "cpu",
+        **FP32,
+    }
+    with caplog.at_level("INFO", logger="lorakit.train.fsdp"):
+        train(TrainConfig(**common, fsdp=True, output=str(tmp_path / "fsdp")))
+    assert "one process, nothing to shard" in caplog.text
+    train(TrainConfig(**common, output=str(tmp_path / "plain")))
+    assert_same_adapter(tmp_path / "fsdp", tmp_path / "plain", rtol=0, atol=0)
