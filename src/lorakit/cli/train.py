@@ -120,6 +120,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "keeping them: same gradients, less memory (default on)",
     )
     optimisation.add_argument("--loss-chunk-size", type=int, help="label tokens per chunk of the lean loss")
+    optimisation.add_argument(
+        "--split-by-length",
+        action=argparse.BooleanOptionalAction,
+        help="cut each micro-batch into groups of similar length: same gradient, less padding, lower peak "
+        "(default on; one process only)",
+    )
     optimisation.add_argument("--seed", type=int, help="default 0")
 
     evaluation = parser.add_argument_group("evaluation")
