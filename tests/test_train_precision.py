@@ -138,8 +138,16 @@ def _run(tmp_path: Path, inputs: tuple[Path, Path], name: str, **options: object
     model, data = inputs
     output = tmp_path / name
     config = TrainConfig(
-        model=str(model), data=str(data), r=4, alpha=8, targets="q_proj,v_proj", lr=1e-2, steps=2,
-        batch_size=4, output=str(output), **options,
+        model=str(model),
+        data=str(data),
+        r=4,
+        alpha=8,
+        targets="q_proj,v_proj",
+        lr=1e-2,
+        steps=2,
+        batch_size=4,
+        output=str(output),
+        **options,
     )
     train(config)
     return output
