@@ -69,14 +69,19 @@ def torchrun(folder: Path, launcher: list[str], config: Path, *extra: str) -> su
     )
 
 
-def finish(*processes: subprocess.Popen[str]) -> list[str]:
-    """Wait for every launch (killing them all on timeout); assert each succeeded; their stdouts."""
+def finish(*processes: subprocess.Popen[str], errors: list[str] | None = None) -> list[str]:
+    """Wait for every launch (killing them all on timeout); assert each succeeded; their stdouts.
+
+    ``errors`` receives their stderrs (lorakit's log lines).
+    """
     outputs = []
     try:
         for process in processes:
             stdout, stderr = process.communicate(timeout=TIMEOUT_S)
             assert process.returncode == 0, stderr[-4000:]
             outputs.append(stdout)
+            if errors is not None:
+                errors.append(stderr)
     finally:
         for process in processes:
             if process.poll() is None:

@@ -9,6 +9,7 @@ uninterrupted run.
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -57,14 +58,20 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     fsdp_config = write_run(folder, "fsdp", {**common, "batch_size": 2, "fsdp": True})
     launch = torchrun(folder, ["--standalone", "--nproc-per-node", "2"], fsdp_config)
     train(build_config(None, {**common, "batch_size": 4, "output": str(folder / "single")}))
-    (stdout,) = finish(launch)
-    return {"folder": folder, "common": common, "stdout": stdout}
+    errors: list[str] = []
+    (stdout,) = finish(launch, errors=errors)
+    return {"folder": folder, "common": common, "stdout": stdout, "stderr": errors[0]}
 
 
 def test_fsdp_trains_what_one_process_trains(runs: dict) -> None:
     folder: Path = runs["folder"]
     fsdp, single = folder / "fsdp", folder / "single"
     assert runs["stdout"].count(f"trained {STEPS}/{STEPS} steps") == 1  # rank 0 alone reports
+    # Each process stores about half of the model (the layers' and the root's parameters are split in two).
+    shares = re.findall(r"process (\d) holds (\d+) of the (\d+) parameter values", runs["stderr"])
+    assert sorted(rank for rank, _, _ in shares) == ["0", "1"]
+    for _, held, total in shares:
+        assert 0.45 < int(held) / int(total) < 0.55
     assert train_records(fsdp, "loss") == pytest.approx(train_records(single, "loss"), rel=1e-5)
     norms = train_records(fsdp, "grad_norm")
     assert norms == pytest.approx(train_records(single, "grad_norm"), rel=1e-4)

@@ -77,13 +77,27 @@ def shard_model(root: nn.Module, model: nn.Module, context: Distributed, bf16: b
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(root, mesh=mesh, mp_policy=policy)
+    held, total = local_share(root)
     logger.info(
-        "fsdp: %d decoder layers and the root sharded over %d processes, computing in %s",
+        "fsdp: %d decoder layers and the root sharded over %d processes, computing in %s; process %d "
+        "holds %d of the %d parameter values",
         len(layers),
         mesh.size(),
         "bf16 (fp32 gradient reduction)" if bf16 else "fp32",
+        context.rank,
+        held,
+        total,
     )
     return root
+
+
+def local_share(module: nn.Module) -> tuple[int, int]:
+    """``(parameter values this process stores, parameter values of the whole model)``."""
+    held = total = 0
+    for parameter in module.parameters():
+        total += parameter.numel()  # a DTensor's numel is the whole tensor's
+        held += parameter.to_local().numel() if is_sharded(parameter) else parameter.numel()
+    return held, total
 
 
 @contextlib.contextmanager
