@@ -262,10 +262,13 @@ def markdown(result: dict[str, Any]) -> str:
         "answer only. Wall = the whole process; ratios are lorakit / TRL row within this run.",
         "",
         "| job | row | dtype | steps | wall s | first step s | peak RSS GiB | eval loss | exact match | "
-        "wall vs TRL | RSS vs TRL |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "wall vs TRL | RSS vs TRL | load 1 min |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in result["runs"]:
+        if "error" in run:
+            lines.append(f"| {run['job']} | {run['row']} | failed: {run['error'][-160:]!r} |" + " |" * 8)
+            continue
         ratios = run.get("ratios", {})
         wall = ", ".join(f"{v:.2f} ({k})" for k, v in ratios.get("wall", {}).items())
         rss = ", ".join(f"{v:.2f} ({k})" for k, v in ratios.get("rss", {}).items())
@@ -274,7 +277,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {run['job']} | {run['row']} | {run['dtype']} | {run['steps']} | {run['wall_s']:.0f} | "
             f"{run['first_step_s']:.1f} | {run['peak_rss_bytes'] / 2**30:.2f} | "
             f"{run['eval_loss']:.4f} | {'-' if em is None else f'{100 * em:.1f} %'} | {wall or '-'} | "
-            f"{rss or '-'} |"
+            f"{rss or '-'} | {run['load_before']:.1f}-{run['load_after']:.1f} |"
         )
     lines += ["", "Start-up (median of 3 fresh interpreters, seconds):", ""]
     lines += [f"- {name}: {seconds:.2f}" for name, seconds in result["startup"].items()]
@@ -284,10 +287,10 @@ def markdown(result: dict[str, Any]) -> str:
 
 def add_ratios(runs: list[dict[str, Any]]) -> None:
     for run in runs:
-        if run["row"] != "lorakit":
+        if run["row"] != "lorakit" or "error" in run:
             continue
         for other in runs:
-            if other["job"] == run["job"] and other["row"] != "lorakit":
+            if other["job"] == run["job"] and other["row"] != "lorakit" and "error" not in other:
                 run.setdefault("ratios", {"wall": {}, "rss": {}, "exact_match_points": {}})
                 run["ratios"]["wall"][other["row"]] = round(run["wall_s"] / other["wall_s"], 3)
                 run["ratios"]["rss"][other["row"]] = round(run["peak_rss_bytes"] / other["peak_rss_bytes"], 3)
@@ -335,8 +338,15 @@ def main() -> None:
     for name, (job, settings) in jobs.items():
         files = write_job(job, work)
         for row in args.rows:
-            run = train_row(row, job, files, settings, model, work, env)
+            load = os.getloadavg()[0]
+            try:
+                run = train_row(row, job, files, settings, model, work, env)
+            except RuntimeError as error:  # e.g. killed for memory: the other rows still run
+                runs.append({"row": row, "job": name, "error": str(error)[-2000:], "load_before": load})
+                print(f"{name} {row}: FAILED {str(error)[:300]}", file=sys.stderr, flush=True)
+                continue
             run["settings"] = asdict(settings)
+            run["load_before"], run["load_after"] = round(load, 2), round(os.getloadavg()[0], 2)
             runs.append(run)
             print(
                 f"{name} {row}: {run['wall_s']:.0f} s, first step {run['first_step_s']} s, "
@@ -346,6 +356,8 @@ def main() -> None:
             )
     if not args.no_judge:
         for run in runs:
+            if "error" in run:
+                continue
             job = jobs[run["job"]][0]
             scored = judge(model, run["adapter"], job.prompts(), job.references(), job.max_new_tokens)
             run["exact_match"], run["sample_replies"] = scored["exact_match"], scored["sample_replies"]

@@ -40,7 +40,7 @@ def main() -> None:
         phases[name] = time.time() - STARTED
 
     import torch
-    from datasets import load_dataset
+    from datasets import Features, Value, load_dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -52,7 +52,11 @@ def main() -> None:
             if state.global_step == 1:
                 mark("first_step")
 
-    data = load_dataset("json", data_files={"train": args.train, "eval": args.eval})
+    # Explicit string features: left to itself, the JSON loader (pyarrow) reads the short job's answers
+    # ("1963-03-26") as timestamps, and the chat template then renders "1963-03-26 00:00:00".
+    turn = [{"role": Value("string"), "content": Value("string")}]
+    features = Features({"prompt": turn, "completion": turn})
+    data = load_dataset("json", data_files={"train": args.train, "eval": args.eval}, features=features)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     mark("model_loaded")
@@ -77,7 +81,7 @@ def main() -> None:
         max_length=None if args.padding_free else args.max_length,
         save_strategy="no",
         eval_strategy="no",
-        logging_steps=10,
+        logging_steps=1,
         report_to="none",
         dataloader_num_workers=0,
         disable_tqdm=True,
