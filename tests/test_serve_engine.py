@@ -229,3 +229,13 @@ def test_gpt2_conv1d_layers(tmp_path):
                                  max_new_tokens=request.params.max_tokens)
         expected = out[0, ids.shape[1]:].tolist()
         assert result.token_ids == expected
+
+
+def test_prefill_budget_spreads_joining_requests_over_steps(adapters):
+    engine = _engine(adapters, max_prefill_tokens=1)
+    for prompt in PROMPTS[:3]:
+        engine.submit(_greedy(prompt, None, 10))
+    engine.step()
+    assert len(engine.running) == 1 and len(engine.waiting) == 2  # one request per step, decoding goes on
+    engine.step()
+    assert len(engine.running) == 2
