@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from distributed_support import (
     FP32,
     assert_same_adapter,
@@ -24,7 +25,8 @@ from train_support import write_chat_jsonl, write_tiny_model
 
 from lorakit.train import build_config, train
 
-BF16 = {"dtype": "bf16"}
+# The FSDP run also adapts the embedding: the adapter file then holds its (sharded, frozen) base weight too.
+BF16 = {"dtype": "bf16", "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj", "embed_tokens"]}
 
 
 def _two_nodes(folder: Path, config: Path, run_id: str) -> list:
@@ -73,3 +75,5 @@ def test_two_nodes_ddp_and_fsdp_train_what_one_process_trains(tmp_path: Path) ->
     assert {k: (v.shape, v.dtype) for k, v in sharded.items()} == {
         k: (v.shape, v.dtype) for k, v in reference.items()
     }
+    frozen = [key for key in reference if "embed_tokens" in key and "lora" not in key]
+    assert frozen and all(torch.equal(sharded[key], reference[key]) for key in frozen)  # gathered whole

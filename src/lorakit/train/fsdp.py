@@ -25,6 +25,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from lorakit.peft_format import EMBEDDING_LAYER_NAMES as EMBEDDINGS
 from lorakit.train.distributed import Distributed
 
 logger = logging.getLogger(__name__)
@@ -126,6 +127,8 @@ def scalar(value: torch.Tensor) -> float:
 def full_trainable_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Iterator[None]:
     """Inside the block the trainable parameters and their optimizer state are full tensors.
 
+    So are the base weights of adapted embedding layers and output heads, which PEFT's adapter file holds.
+
     On entry every sharded trainable parameter (and every sharded tensor of its optimizer state) is
     all-gathered -- a collective: every process enters -- and put in place of the shard, so code written
     for one process (``trainable_state``, ``save_adapter``, ``optimizer.state_dict()``,
@@ -137,12 +140,15 @@ def full_trainable_state(model: nn.Module, optimizer: torch.optim.Optimizer | No
 
     slots: list[tuple[nn.Module, str, nn.Parameter, nn.Parameter]] = []
     gathered: dict[int, nn.Parameter] = {}
-    for module in model.modules():
+    for path, module in model.named_modules():
+        # PEFT's format also holds the base weights of an adapted embedding layer or output head.
+        written = path.endswith(".base_layer") and path[: -len(".base_layer")].split(".")[-1] in EMBEDDINGS
         for name, parameter in list(module._parameters.items()):
-            if parameter is None or not parameter.requires_grad or not is_sharded(parameter):
+            if parameter is None or not is_sharded(parameter) or not (parameter.requires_grad or written):
                 continue
             if id(parameter) not in gathered:  # a tied parameter is gathered once
-                gathered[id(parameter)] = nn.Parameter(parameter.detach().full_tensor(), requires_grad=True)
+                full = parameter.detach().full_tensor()
+                gathered[id(parameter)] = nn.Parameter(full, requires_grad=parameter.requires_grad)
             slots.append((module, name, parameter, gathered[id(parameter)]))
     if optimizer is not None:
         for group in optimizer.param_groups:
