@@ -11,8 +11,8 @@ when only a response is labelled.
 - **lorakit**: ``lorakit.inject`` (or the plain model for full fine-tuning), the trainer's ``LossModule``
   (``causal_lm_loss_sum``: logits only at labelled positions, 512 rows at a time, through the fused
   head + cross-entropy that computes its gradients in forward) and its default lean activations
-  (``lorakit.train.lean_activations.LeanActivations`` around the forward), divided by the label count, exactly as
-  ``lorakit.train`` does.
+  (``lorakit.train.lean_activations.LeanActivations`` around the forward), divided by the label count,
+  exactly as ``lorakit.train`` does.
 - **peft**: ``peft.get_peft_model`` (or the plain model) and ``model(input_ids=..., labels=...).loss``, the
   standard transformers loss; the output is dropped before backward, as HF's Trainer does.
 
