@@ -17,8 +17,8 @@ Sections:
   loss, fp32 and bf16) and lean activations (gradients with and without, peak memory) on CUDA.
 * ``serve``: the serving engine (adapters mixed per row in one batch) against each request run alone with
   its adapter merged, greedy, on CUDA; tokens/s of the batch.
-* ``ddp``: with 2+ GPUs, ``torchrun --nproc-per-node 2 lorakit train --device cuda`` (NCCL) against one
-  process with the same global batch.
+* ``ddp``: with 2+ GPUs, ``torchrun --nproc-per-node 2 lorakit train --device cuda`` (NCCL), DDP and
+  ``--fsdp``, each against one process with the same global batch.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The serving and multi-GPU halves of benchmarks/gpu_check.py (see its docstring): the mixed-adapter
-engine on CUDA against each request merged and run alone, and NCCL DDP against one process."""
+engine on CUDA against each request merged and run alone, and NCCL DDP / FSDP against one process."""
 
 from __future__ import annotations
 
@@ -156,39 +156,31 @@ def check_ddp(args: argparse.Namespace, device: Any, log: Callable[[str], None])
             "device": "cuda",
             "dtype": "fp32",
         }
-        (root / "ddp.yaml").write_text(
-            yaml.safe_dump({**common, "batch_size": 2, "output": str(root / "ddp")})
-        )
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "lorakit.cli.main",
-            "train",
-            "--config",
-            str(root / "ddp.yaml"),
-            "--quiet",
-        ]
-        finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        if finished.returncode != 0:
-            log(f"ddp: torchrun failed: {finished.stderr[-2000:]}")
-            return [{"check": "NCCL DDP", "error": finished.stderr[-2000:], "passed": False}]
         train(build_config(None, {**common, "batch_size": 4, "output": str(root / "one")}))
-        losses = {
-            name: [r["loss"] for r in read_metrics(root / name) if r["kind"] == "train"]
-            for name in ("ddp", "one")
-        }
-    worst = max(abs(a - b) / abs(b) for a, b in zip(losses["ddp"], losses["one"]))
-    log(f"ddp: 2 GPUs vs 1, worst loss diff {worst:.1e}")
-    return [
-        {
-            "check": "NCCL DDP, 2 GPUs vs 1 (same global batch)",
-            "losses": losses,
-            "loss_rel_diff_max": worst,
-            "passed": worst <= 1e-4,
-        }
-    ]
+        one = [r["loss"] for r in read_metrics(root / "one") if r["kind"] == "train"]
+        results = []
+        for mode, extra in (("DDP", {}), ("FSDP", {"fsdp": True})):
+            config = root / f"{mode}.yaml"
+            output = root / mode
+            config.write_text(yaml.safe_dump({**common, **extra, "batch_size": 2, "output": str(output)}))
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+            command += ["-m", "lorakit.cli.main", "train", "--config", str(config), "--quiet"]
+            finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+            check = f"NCCL {mode}, 2 GPUs vs 1 (same global batch)"
+            if finished.returncode != 0:
+                log(f"{mode}: torchrun failed: {finished.stderr[-2000:]}")
+                results.append({"check": check, "error": finished.stderr[-2000:], "passed": False})
+                continue
+            losses = [r["loss"] for r in read_metrics(output) if r["kind"] == "train"]
+            worst = max(abs(a - b) / abs(b) for a, b in zip(losses, one))
+            log(f"{mode}: 2 GPUs vs 1, worst loss diff {worst:.1e}")
+            results.append(
+                {
+                    "check": check,
+                    "losses": losses,
+                    "single_losses": one,
+                    "loss_rel_diff_max": worst,
+                    "passed": worst <= 1e-4 and len(losses) == len(one),
+                }
+            )
+    return results
