@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -359,14 +360,25 @@ def start_ray_app(options: ServeOptions, ray_options: RayOptions) -> None:
     if not ray.is_initialized():
         ray.init(address=ray_options.address, include_dashboard=False, configure_logging=False)
     serve.start(http_options={"host": options.host, "port": options.port})
-    serve.run(build_application(options, ray_options), name="lorakit", route_prefix="/", blocking=False)
+    # Warnings only: Ray Serve's default INFO level writes a line per request and per replica call.
+    serve.run(
+        build_application(options, ray_options),
+        name="lorakit",
+        route_prefix="/",
+        blocking=False,
+        logging_config={"log_level": "WARNING"},
+    )
 
 
 def run_ray_server(options: ServeOptions, ray_options: RayOptions) -> None:
     """`start_ray_app`, then serve until interrupted (^C shuts the application down)."""
     from ray import serve
 
-    start_ray_app(options, ray_options)
+    try:
+        start_ray_app(options, ray_options)
+    except KeyboardInterrupt:  # ^C while the replicas start
+        _stop(serve)
+        return
     logger.warning(
         "lorakit serve --ray: http://%s:%d/v1 base model %s, %d replica(s)",
         options.host,
@@ -378,4 +390,13 @@ def run_ray_server(options: ServeOptions, ray_options: RayOptions) -> None:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        serve.shutdown()
+        _stop(serve)
+
+
+def _stop(serve: Any) -> None:
+    """Take this application down (only it: a shared cluster may run others); a second ^C is ignored.
+
+    A Ray instance this process started ends with it; a cluster joined through RAY_ADDRESS keeps running.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    serve.delete("lorakit")
