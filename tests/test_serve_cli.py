@@ -22,7 +22,7 @@ def test_serve_starts_with_its_flags_and_logs_one_line(tmp_path, monkeypatch, ca
         started.update(app=app, host=host, port=port)
 
     monkeypatch.setattr("uvicorn.run", fake_run)
-    with caplog.at_level(logging.WARNING, logger="lorakit.serve"):
+    with caplog.at_level(logging.INFO, logger="lorakit.serve"):
         code = main(["serve", "--model", str(model_folder), "--adapters", str(adapters), "--port", "8123",
                      "--max-loras", "3", "--max-lora-rank", "8", "--api-key", "k"])
     assert code == 0 and started["host"] == "127.0.0.1" and started["port"] == 8123

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,7 +35,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from lorakit.serve.server import ServeOptions, run_server
 
-    logging.basicConfig(format="%(message)s")
     options = ServeOptions(model=args.model, adapters=args.adapters, host=args.host, port=args.port,
                            api_key=args.api_key, max_batch=args.max_batch, max_loras=args.max_loras,
                            max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,

@@ -65,7 +65,7 @@ def run_server(options: ServeOptions) -> None:
         raise ValueError(f"--max-queue must be >= 1, got {options.max_queue}")
     app, engine = build_app(options)
     names = engine.catalog.names()
-    logger.warning("lorakit serve: http://%s:%d/v1 base model %s, %d adapter(s)%s",
+    logger.info("serving http://%s:%d/v1, base model %s, %d adapter(s)%s",
                    options.host, options.port,
                    engine.base_name, len(names), f": {', '.join(names)}" if names else "")
     uvicorn.run(app, host=options.host, port=options.port, log_level="warning")
