@@ -176,3 +176,48 @@ def test_cli_serve_ray_passes_the_replica_options(monkeypatch: pytest.MonkeyPatc
     options, scale = started[0]
     assert (options.model, options.port) == ("m", 8123)
     assert (scale.replicas, scale.adapters_per_replica, scale.replica_cpus) == (3, 5, 0.5)
+
+
+def test_asgi_call_streams_chunk_by_chunk_and_an_early_close_is_a_disconnect() -> None:
+    import asyncio
+
+    from starlette.applications import Starlette
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    from lorakit.serve.asgi_call import asgi_call
+
+    seen: list[str] = []
+
+    async def endpoint(request):  # streams until the client goes away
+        body = await request.body()
+
+        async def chunks():
+            try:
+                for index in range(1000):
+                    if await request.is_disconnected():
+                        return
+                    yield f"{body.decode()}{index};"
+                    await asyncio.sleep(0.01)
+            finally:  # reached by the disconnect (lorakit's app cancels the engine request here)
+                seen.append("closed")
+
+        return StreamingResponse(chunks(), headers={"x-test": "yes"})
+
+    app = Starlette(routes=[Route("/s", endpoint, methods=["POST"])])
+
+    async def scenario() -> list:
+        stream = asgi_call(app, "POST", "/s?q=1", b"c", {"content-type": "text/plain"})
+        received = [await stream.__anext__() for _ in range(3)]
+        await stream.aclose()  # the ingress went away
+        for _ in range(100):
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        return received
+
+    received = asyncio.run(asyncio.wait_for(scenario(), 30))
+    status, headers = received[0]
+    assert status == 200 and headers["x-test"] == "yes"
+    assert received[1:] == [b"c0;", b"c1;"]  # each chunk as the app sent it, not the stream at the end
+    assert seen == ["closed"]

@@ -5,7 +5,7 @@ Two deployments:
 * ``LorakitReplica`` (``replicas`` copies): each runs the whole `lorakit serve` application in-process --
   the engine (continuous batching of many adapters at once) and the FastAPI app of `lorakit.serve.app`,
   so validation, error bodies, sampling and server-sent events are exactly `lorakit serve`'s. A request is
-  handed to that app as an ASGI call (`_asgi_call`), streamed back chunk by chunk.
+  handed to that app as an ASGI call (`lorakit.serve.asgi_call`), streamed back chunk by chunk.
 * ``LorakitIngress`` (one copy, the HTTP entry): reads the ``model`` field and calls a replica through
   Ray Serve's model multiplexing (``handle.options(multiplexed_model_id=model)``), so requests for an
   adapter go to a replica that already holds it while each replica keeps batching the adapters it holds.
@@ -34,6 +34,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from lorakit.serve.asgi_call import asgi_call
 from lorakit.serve.protocol import error_body
 from lorakit.serve.server import ServeOptions, base_model_name
 
@@ -64,68 +65,6 @@ class RayOptions:
     replica_gpus: float = 0.0
     request_timeout_s: float = 300.0
     address: str | None = None
-
-
-async def _asgi_call(
-    app: Any, method: str, path: str, body: bytes, headers: dict[str, str]
-) -> AsyncIterator[Any]:
-    """Run one HTTP request through the ASGI ``app``: yields ``(status, headers)`` then the body chunks.
-
-    The app sees a client that disconnects when this generator is closed early, so a request abandoned
-    by the ingress is cancelled in the engine (`lorakit.serve.app` watches for the disconnect).
-    """
-    path, _, query = path.partition("?")
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": query.encode(),
-        "root_path": "",
-        "headers": [(key.lower().encode(), value.encode()) for key, value in headers.items()],
-        "client": ("127.0.0.1", 0),
-        "server": ("lorakit-replica", 80),
-    }
-    messages: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-    gone = asyncio.Event()
-    delivered = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal delivered
-        if not delivered:
-            delivered = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await gone.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        await messages.put(message)
-
-    async def run() -> None:
-        try:
-            await app(scope, receive, send)
-        finally:
-            await messages.put(None)
-
-    task = asyncio.create_task(run())
-    try:
-        while (message := await messages.get()) is not None:
-            if message["type"] == "http.response.start":
-                raw = message.get("headers", [])
-                yield message["status"], {key.decode(): value.decode() for key, value in raw}
-            elif message["type"] == "http.response.body" and message.get("body"):
-                yield message["body"]
-        await task  # re-raise what the app raised
-    finally:
-        gone.set()
-        if not task.done():
-            try:
-                await asyncio.wait_for(task, 5.0)
-            except (TimeoutError, asyncio.CancelledError, Exception):
-                task.cancel()
 
 
 class _Resident:
@@ -160,7 +99,7 @@ def replica_class(options: ServeOptions, adapters_per_replica: int) -> type:
             if model_id:
                 with contextlib.suppress(ServeError):  # the app answers with its own 404 body
                     await self.adapter(model_id)
-            async for item in _asgi_call(self.app, method, path, body, headers):
+            async for item in asgi_call(self.app, method, path, body, headers):
                 if isinstance(item, tuple):
                     status, answer_headers = item
                     yield status, {**answer_headers, REPLICA_HEADER: self.name}
