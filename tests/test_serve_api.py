@@ -156,6 +156,9 @@ def test_bad_chat_input(server):
     assert _post(url, {"model": "a", "messages": []}).status_code == 400
     response = _post(url, {"model": "a", "messages": [{"role": "wizard", "content": "x"}]})
     assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
+    long = _post(url, {"model": "a", "messages": [{"role": "user", "content": "y" * 300}]})
+    assert long.status_code == 400 and long.json()["error"]["param"] == "messages"
+    assert "context" in long.json()["error"]["message"]
 
 
 def test_a_failing_adapter_fails_only_its_requests(client, server):

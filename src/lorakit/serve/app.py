@@ -168,6 +168,8 @@ def create_app(engine: Engine, metrics: ServeMetrics, *, api_key: str | None = N
             engine.submit(job)
         except ServeError as error:
             metrics.rejected(body.model, error.status)
+            if chat and error.param == "prompt":  # a chat request has messages, not a prompt
+                error.param = "messages"
             raise
         response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         shape = _Shape(response_id, body.model, chat)
