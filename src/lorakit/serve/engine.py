@@ -21,22 +21,14 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import torch
 from torch import nn
 
-from lorakit.serve.adapters import (
-    AdapterCatalog,
-    AdapterError,
-    HostCache,
-    ParsedAdapter,
-    combine,
-    parse_adapter_folder,
-    parse_combination,
-)
+from lorakit.serve.adapters import AdapterCatalog, AdapterError, HostCache, parse_combination
 from lorakit.serve.errors import ServeError
+from lorakit.serve.loader import AdapterLoader
 from lorakit.serve.pool import AdapterPool, SlotModule, module_shape
 from lorakit.serve.requests import Event, Request
 from lorakit.serve.sampling import find_stop, held_back, sample_token
@@ -84,7 +76,6 @@ class Engine:
         self.adapter_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
         self.pool = AdapterPool(max_loras, max_lora_rank, dtype=self.adapter_dtype, device=weight.device)
         self.slots = SlotTable(max_loras)
-        self.host = HostCache(max_cpu_loras)
         self.modules = {name: m for name, m in model.named_modules()
                         if isinstance(m, (nn.Linear, nn.Embedding)) or type(m).__name__ == "Conv1D"}
         self.max_context = int(getattr(model.config, "max_position_embeddings", 2048))
@@ -98,8 +89,8 @@ class Engine:
         self._cancels: set[str] = set()
         self._forget: deque[str] = deque()
         self._wake = threading.Condition()
-        self._loader = ThreadPoolExecutor(1, thread_name_prefix="lorakit-adapter-load")
-        self._loading: dict[str, Future] = {}
+        self.loader = AdapterLoader(self.catalog, self.modules, max_lora_rank, self.adapter_dtype,
+                                    max_cpu_loras, self.observer.adapter_loaded, self._notify)
         self._thread: threading.Thread | None = None
         self._stopping = False
 
@@ -149,6 +140,11 @@ class Engine:
             self._wake.notify()
 
     @property
+    def host(self) -> HostCache:
+        """The parsed adapters kept in host memory."""
+        return self.loader.host
+
+    @property
     def queue_length(self) -> int:
         return len(self._inbox) + len(self.waiting)
 
@@ -160,7 +156,7 @@ class Engine:
         """
         self.catalog.add(name, path)
         try:
-            self.host.put(name, self._parse(name))
+            self.loader.host.put(name, self.loader.parse(name))
         except Exception:
             self.catalog.remove(name)
             raise
@@ -168,7 +164,7 @@ class Engine:
     def unload_adapter(self, name: str) -> None:
         """Stop serving ``name``; running rows finish, waiting requests for it fail with 404."""
         self.catalog.remove(name)
-        self.host.drop(lambda key: _involves(key, name))
+        self.loader.forget(lambda key: _involves(key, name))
         with self._wake:
             self._forget.append(name)
             self._wake.notify()
@@ -185,7 +181,7 @@ class Engine:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join()
-        self._loader.shutdown(wait=False, cancel_futures=True)
+        self.loader.shutdown()
 
     def generate(self, requests: list[Request]) -> list[Event]:
         """Run ``requests`` to completion on the calling thread (no `start` needed); one summary each."""
@@ -257,7 +253,8 @@ class Engine:
             self._finish(request, "error", AdapterError(f"adapter {name!r} was unloaded", status=404))
 
     def _admit(self) -> bool:
-        self._start_loads()
+        needed = {r.model for r in self.waiting if r.model is not None and self.slots.lookup(r.model) is None}
+        self.loader.prefetch(needed, LOAD_GRACE_SECONDS)
         admitted, blocked, prefilled = False, deque(), 0
         while self.waiting:
             request = self.waiting.popleft()
@@ -282,26 +279,6 @@ class Engine:
         self.waiting = blocked
         return admitted
 
-    def _start_loads(self) -> None:
-        """Start reading every adapter a waiting request needs, then give them a moment to finish.
-
-        Reading an adapter file takes milliseconds; waiting up to `LOAD_GRACE_SECONDS` here lets such loads
-        join this step instead of the next one, while a slow disk still never stalls decoding for longer.
-        """
-        pending = []
-        for request in self.waiting:
-            key = request.model
-            if key is None or self.slots.lookup(key) is not None or self.host.get(key) is not None:
-                continue
-            future = self._loading.get(key)
-            if future is None:
-                self._loading[key] = future = self._loader.submit(self._parse, key)
-                future.add_done_callback(lambda _: self._notify())
-            if not future.done():
-                pending.append(future)
-        if pending:
-            wait(pending, timeout=LOAD_GRACE_SECONDS)
-
     def _slot_for(self, key: str | None) -> int | None:
         """The slot holding ``key`` (writing it if needed), or None while it loads or no slot is free."""
         if key is None:
@@ -310,7 +287,7 @@ class Engine:
         if slot is not None:
             self.observer.slot("hit")
             return slot
-        parsed = self._ready(key)
+        parsed = self.loader.ready(key)
         if parsed is None:
             return None
         free = self.slots.free_slot()
@@ -326,44 +303,9 @@ class Engine:
         self.observer.slot("miss")
         return slot
 
-    def _ready(self, key: str) -> ParsedAdapter | None:
-        parsed = self.host.get(key)
-        if parsed is not None:
-            return parsed
-        future = self._loading.get(key)
-        if future is None:
-            self._loading[key] = future = self._loader.submit(self._parse, key)
-            future.add_done_callback(lambda _: self._notify())
-            return None
-        if not future.done():
-            return None
-        del self._loading[key]
-        parsed = future.result()  # raises the ServeError of a failed load
-        self.host.put(key, parsed)
-        return parsed
-
     def _notify(self) -> None:
         with self._wake:
             self._wake.notify()
-
-    def _parse(self, key: str) -> ParsedAdapter:
-        """Read (or combine) adapter ``key``; runs on the loader thread."""
-        start = time.perf_counter()
-        terms = parse_combination(key)
-        if terms is None:
-            path = self.catalog.path(key)
-            if path is None:
-                raise AdapterError(f"the model {key!r} does not exist", status=404)
-            parsed = parse_adapter_folder(key, path, self.modules, self.pool.max_rank, self.adapter_dtype)
-        else:
-            parts = []
-            for name, weight in terms:
-                part = self.host.get(name) or self._parse(name)
-                self.host.put(name, part)
-                parts.append((part, weight))
-            parsed = combine(key, parts, self.pool.max_rank)
-        self.observer.adapter_loaded(time.perf_counter() - start)
-        return parsed
 
     def _fail_waiting(self, key: str | None, error: ServeError) -> None:
         for request in [r for r in self.waiting if r.model == key]:
