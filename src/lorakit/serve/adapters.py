@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,7 +214,7 @@ class HostCache:
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
 
-    def drop(self, predicate: callable) -> None:  # type: ignore[valid-type]
+    def drop(self, predicate: Callable[[str], bool]) -> None:
         """Forget every entry whose key satisfies ``predicate``."""
         with self._lock:
             for key in [k for k in self._items if predicate(k)]:
