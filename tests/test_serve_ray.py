@@ -142,9 +142,13 @@ def test_killed_replica_is_replaced_and_its_requests_end_cleanly(served: dict) -
     )
     assert after.headers[REPLICA_HEADER] != victim
     deadline = time.monotonic() + 90
-    while _running_replicas() != 2:
+    while not (
+        _running_replicas() == 2 and len(replicas := _replica_actors()) == 2 and victim not in str(replicas)
+    ):
         assert time.monotonic() < deadline, "the killed replica was not replaced within 90 s"
         time.sleep(1.0)
+    # and the replacement serves
+    assert {_complete(url, "b", f"z{i}", 1).status_code for i in range(3)} == {200}
 
 
 def test_serve_run_builder_reads_key_value_arguments() -> None:
@@ -158,6 +162,12 @@ def _kill_replica(tag: str) -> None:
     names = [a for a in ray.util.list_named_actors(all_namespaces=True) if tag in a["name"]]
     assert len(names) == 1, names
     ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
+
+
+def _replica_actors() -> list[str]:
+    return [
+        a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "LorakitReplica" in a["name"]
+    ]
 
 
 def _running_replicas() -> int:
