@@ -41,6 +41,7 @@ def test_two_processes_train_the_adapter_of_one_process_with_the_same_global_bat
         "save_every": 2,
         "seed": 3,
         "device": "cpu",
+        "dtype": "fp32",  # the comparison is at fp32 tolerance; "auto" picks bf16 on an AVX512-BF16 CPU
     }
     (tmp_path / "ddp.yaml").write_text(
         yaml.safe_dump({**common, "batch_size": 2, "output": str(tmp_path / "ddp")})
