@@ -239,3 +239,24 @@ def test_prefill_budget_spreads_joining_requests_over_steps(adapters):
     assert len(engine.running) == 1 and len(engine.waiting) == 2  # one request per step, decoding goes on
     engine.step()
     assert len(engine.running) == 2
+
+
+def test_requests_admitted_together_share_one_prefill_pass(adapters):
+    """A step's admitted requests are prefilled in one left-padded forward; rows done at prefill (one
+    token) leave, the others join the batch, and every row stays exact."""
+    engine = _engine(adapters, max_batch=8, max_loras=4, max_lora_rank=8)
+    forwards: list[tuple[int, int]] = []
+    engine.model.register_forward_hook(lambda module, args, kwargs, out: forwards.append(
+        tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    names = ["b", None, "d", "a", "c"]
+    lengths = [1, 6, 1, 9, 4]
+    prompts = [PROMPTS[4], PROMPTS[5], PROMPTS[0], PROMPTS[3], PROMPTS[2]]
+    requests = [_greedy(p, n, k) for p, n, k in zip(prompts, names, lengths)]
+    results = engine.generate(requests)
+    width = max(len(r.prompt_ids) for r in requests)
+    assert forwards[0] == (5, width)  # all five prompts in the first pass, left-padded to the longest
+    assert all(shape[1] == 1 for shape in forwards[1:])  # then decoding steps only
+    assert len(forwards) == max(lengths)
+    for request, name, length, result in zip(requests, names, lengths, results):
+        expected = merged_greedy(request.prompt_ids, length, {adapters / name: 1.0} if name else None)
+        assert result.token_ids == expected, f"{name}: {result.token_ids} != {expected}"

@@ -5,8 +5,10 @@ Every loop iteration (`Engine.step`):
 1. takes new requests, cancellations and adapter unloads handed over by other threads;
 2. admits waiting requests while the batch has room and the step's prefill budget lasts: a request whose
    adapter sits in a slot (hit) or can be written into a free or least-recently-used idle slot (miss, maybe
-   eviction) is prefilled alone and joins the running batch; an adapter not yet parsed is read from disk
-   on a loader thread meanwhile, so one adapter loading never stalls the others' decoding;
+   eviction) is admitted; the step's admitted requests are prefilled together in one left-padded forward
+   pass (each row with its own slot and positions) and join the running batch with one concatenation; an
+   adapter not yet parsed is read from disk on a loader thread meanwhile, so one adapter loading never
+   stalls the others' decoding;
 3. runs one decoding step for every running row in one forward pass, each row with its own cache
    positions and its own adapter slot, samples each row with its own parameters, and drops the rows that
    finished.
@@ -255,10 +257,13 @@ class Engine:
     def _admit(self) -> bool:
         needed = {r.model for r in self.waiting if r.model is not None and self.slots.lookup(r.model) is None}
         self.loader.prefetch(needed, LOAD_GRACE_SECONDS)
-        admitted, blocked, prefilled = False, deque(), 0
+        admitted: list[Request] = []
+        blocked: deque[Request] = deque()
         while self.waiting:
             request = self.waiting.popleft()
-            if len(self.running) >= self.max_batch or (admitted and prefilled >= self.max_prefill_tokens):
+            width = max([len(request.prompt_ids), *(len(r.prompt_ids) for r in admitted)])
+            if len(self.running) + len(admitted) >= self.max_batch or \
+                    (admitted and width * (len(admitted) + 1) > self.max_prefill_tokens):
                 blocked.append(request)
                 continue
             try:
@@ -273,11 +278,11 @@ class Engine:
             if slot:
                 self.slots.pin(slot)
             request.slot = slot
-            self._prefill(request)
-            prefilled += len(request.prompt_ids)
-            admitted = True
+            admitted.append(request)
         self.waiting = blocked
-        return admitted
+        if admitted:
+            self._prefill(admitted)
+        return bool(admitted)
 
     def _slot_for(self, key: str | None) -> int | None:
         """The slot holding ``key`` (writing it if needed), or None while it loads or no slot is free."""
@@ -323,16 +328,32 @@ class Engine:
     def _set_rows(self, slots: list[int]) -> None:
         self.pool.set_rows(torch.tensor(slots) if any(slots) else None)
 
-    def _prefill(self, request: Request) -> None:
-        ids = torch.tensor([request.prompt_ids], device=self.pool.device)
-        self._set_rows([request.slot])
-        output = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        token = sample_token(output.logits[0, -1], request.params, request.generator)
-        self.observer.first_token(time.perf_counter() - request.arrival)
-        if self._accept(request, token):
-            return
-        self.running.append(request)
-        self.batch.add(output.cache, len(request.prompt_ids))
+    def _prefill(self, requests: list[Request]) -> None:
+        """Prefill ``requests`` in one left-padded forward pass (each row its own slot and positions);
+        the rows that go on join the running batch with one concatenation."""
+        device = self.pool.device
+        lengths = [len(r.prompt_ids) for r in requests]
+        width = max(lengths)
+        rows = [[0] * (width - n) + r.prompt_ids for r, n in zip(requests, lengths)]
+        ids = torch.tensor(rows, device=device)                                        # (n, width)
+        mask = (torch.arange(width)[None, :] >= torch.tensor([width - n for n in lengths])[:, None]).long()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)                                 # (n, width)
+        self._set_rows([r.slot for r in requests])
+        inputs = {"input_ids": ids, "use_cache": True, "logits_to_keep": 1}
+        if len(requests) > 1:  # alone, a row has no padding: the plain causal pass
+            inputs.update(attention_mask=mask.to(device), position_ids=positions.to(device))
+        output = self.model(**inputs)
+        logits = output.logits[:, -1]                                                  # (n, vocab)
+        now = time.perf_counter()
+        keep = []
+        for row, request in enumerate(requests):
+            token = sample_token(logits[row], request.params, request.generator)
+            self.observer.first_token(now - request.arrival)
+            if not self._accept(request, token):
+                keep.append(row)
+        if keep:
+            self.running.extend(requests[i] for i in keep)
+            self.batch.add(output.cache, [lengths[i] for i in keep], keep)
 
     def _decode(self) -> None:
         mask, positions = self.batch.step_inputs()

@@ -2,10 +2,11 @@
 
 `PaddedBatch` keeps one transformers ``DynamicCache`` for all running rows, left-padded to a common
 length T: row i's ``lengths[i]`` real positions sit at the right end, padding (masked out) at the left.
-A request joins after its own prefill (its cache is padded, or the batch's is, to the longer of the two,
-and concatenated along the batch); a finished row is dropped with an index select, and columns that are
-padding in every remaining row are trimmed. Each row keeps its own positions, so a row's attention sees
-exactly its own tokens, as if it ran alone.
+The requests admitted in one step are prefilled together as one left-padded batch; the rows that go on
+join with one concatenation along the batch (their cache is padded, or the batch's is, to the longer of
+the two). A finished row is dropped with an index select, and columns that are padding in every
+remaining row are trimmed. Each row keeps its own positions, so a row's attention sees exactly its own
+tokens, as if it ran alone.
 
 `SlotTable` maps adapter keys to pool slots: hits reuse a slot, misses take a free slot or evict the least
 recently used slot that no running row holds. Slot 0 (the base model) is never handed out.
@@ -34,19 +35,25 @@ class PaddedBatch:
         """T, the padded cache length."""
         return 0 if self.cache is None else int(_layers(self.cache)[0].keys.shape[-2])
 
-    def add(self, cache: object, length: int) -> None:
-        """Append one row whose prefill left ``cache`` (batch 1, ``length`` positions)."""
+    def add(self, cache: object, lengths: list[int], rows: list[int] | None = None) -> None:
+        """Append the rows of a left-padded prefill: ``cache`` (n, H, W, D) per layer, row i holding
+        ``lengths[i]`` real positions at its right end; ``rows`` picks the rows of ``cache`` that join
+        (in that order; None: all)."""
+        layers = _layers(cache)
+        trim = int(layers[0].keys.shape[-2]) - max(lengths)  # columns that are padding in every joining row
+        if trim or (rows is not None and rows != list(range(int(layers[0].keys.shape[0])))):
+            _select(cache, rows if rows is not None else list(range(len(lengths))), trim)
         if self.cache is None:
-            self.cache, self.lengths = cache, [length]
+            self.cache, self.lengths = cache, list(lengths)
             return
-        width = self.width
-        target = max(width, length)
-        for mine, theirs in zip(_layers(self.cache), _layers(cache), strict=True):
+        width, theirs_width = self.width, int(layers[0].keys.shape[-2])
+        target = max(width, theirs_width)
+        for mine, theirs in zip(_layers(self.cache), layers, strict=True):
             for attr in ("keys", "values"):
                 old = _pad_left(getattr(mine, attr), target - width)
-                new = _pad_left(getattr(theirs, attr), target - length)
+                new = _pad_left(getattr(theirs, attr), target - theirs_width)
                 setattr(mine, attr, torch.cat([old, new], dim=0))
-        self.lengths.append(length)
+        self.lengths.extend(lengths)
 
     def keep(self, rows: list[int]) -> None:
         """Keep only ``rows`` (indices into the current order), then trim all-padding columns."""
@@ -56,13 +63,7 @@ class PaddedBatch:
         if rows == list(range(len(self.lengths))):
             return
         self.lengths = [self.lengths[i] for i in rows]
-        index = torch.tensor(rows)
-        trim = self.width - max(self.lengths)
-        for layer in _layers(self.cache):
-            for attr in ("keys", "values"):
-                tensor = getattr(layer, attr)
-                kept = tensor.index_select(0, index.to(tensor.device))
-                setattr(layer, attr, kept[:, :, trim:].contiguous())
+        _select(self.cache, rows, self.width - max(self.lengths))
 
     def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(attention_mask (B, T + 1), position_ids (B, 1)) for one decoding step of every row."""
@@ -82,6 +83,16 @@ def _layers(cache: object) -> list:
     if layers is None:
         raise TypeError(f"unsupported cache type {type(cache).__name__}: the engine needs a DynamicCache")
     return layers
+
+
+def _select(cache: object, rows: list[int], trim: int) -> None:
+    """Keep ``rows`` of every layer's keys and values and drop their first ``trim`` columns, in place."""
+    index = torch.tensor(rows)
+    for layer in _layers(cache):
+        for attr in ("keys", "values"):
+            tensor = getattr(layer, attr)
+            kept = tensor.index_select(0, index.to(tensor.device))
+            setattr(layer, attr, kept[:, :, trim:].contiguous())
 
 
 def _pad_left(tensor: torch.Tensor, amount: int) -> torch.Tensor:
