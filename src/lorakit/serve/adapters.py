@@ -79,6 +79,12 @@ def parse_combination(model_name: str) -> list[tuple[str, float]] | None:
     return terms
 
 
+def involves(key: str, name: str) -> bool:
+    """True when adapter key ``key`` is ``name`` or a combination with ``name`` as a term."""
+    terms = parse_combination(key)
+    return key == name if terms is None else any(term == name for term, _ in terms)
+
+
 def parse_adapter_folder(name: str, folder: Path, modules: dict[str, nn.Module], max_rank: int,
                          dtype: torch.dtype = torch.float32) -> ParsedAdapter:
     """Read ``folder`` and check it against the base model's ``modules`` (qualified name -> module).

@@ -28,12 +28,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.serve.adapters import AdapterCatalog, AdapterError, HostCache, parse_combination
+from lorakit.serve.adapters import AdapterCatalog, AdapterError, HostCache, involves, parse_combination
 from lorakit.serve.errors import ServeError
 from lorakit.serve.loader import AdapterLoader
 from lorakit.serve.pool import AdapterPool, SlotModule, module_shape
-from lorakit.serve.requests import Event, Request
-from lorakit.serve.sampling import find_stop, held_back, sample_token
+from lorakit.serve.requests import Event, Request, collector
+from lorakit.serve.sampling import cut_at_stop, safe_prefix, sample_token
 from lorakit.serve.scheduler import PaddedBatch, SlotTable
 
 LOAD_GRACE_SECONDS = 0.02  # how long a step waits for adapter files being read before admitting
@@ -166,7 +166,7 @@ class Engine:
     def unload_adapter(self, name: str) -> None:
         """Stop serving ``name``; running rows finish, waiting requests for it fail with 404."""
         self.catalog.remove(name)
-        self.loader.forget(lambda key: _involves(key, name))
+        self.loader.forget(lambda key: involves(key, name))
         with self._wake:
             self._forget.append(name)
             self._wake.notify()
@@ -189,7 +189,7 @@ class Engine:
         """Run ``requests`` to completion on the calling thread (no `start` needed); one summary each."""
         results = {r.request_id: Event(r.request_id) for r in requests}
         for request in requests:
-            request.on_event = _collector(results[request.request_id])
+            request.on_event = collector(results[request.request_id])
             self.submit(request)
         while any(not e.finished for e in results.values()):
             if not self.step():
@@ -246,11 +246,11 @@ class Engine:
         self._keep(keep)
 
     def _forget_adapter(self, name: str) -> None:
-        for key in [k for k in self.slots.slot_of if _involves(k, name)]:
+        for key in [k for k in self.slots.slot_of if involves(k, name)]:
             slot = self.slots.forget(key)
             if slot is not None:
                 self.pool.clear(slot)
-        for request in [r for r in self.waiting if r.model is not None and _involves(r.model, name)]:
+        for request in [r for r in self.waiting if r.model is not None and involves(r.model, name)]:
             self.waiting.remove(request)
             self._finish(request, "error", AdapterError(f"adapter {name!r} was unloaded", status=404))
 
@@ -384,22 +384,12 @@ class Engine:
         eos = token in self.eos_ids and not params.ignore_eos
         text = self.tokenizer.decode(request.generated[:-1] if eos else request.generated,
                                      skip_special_tokens=True)
-        reason = "stop" if eos else None
-        if params.stop:
-            longest = max(len(s) for s in params.stop)
-            cut = find_stop(text, params.stop, max(0, request.emitted - longest + 1))
-            if cut is not None:
-                text, reason = text[:cut], "stop"
+        text, stopped = cut_at_stop(text, params.stop, request.emitted)
+        reason = "stop" if eos or stopped else None
         total = len(request.prompt_ids) + len(request.generated)
         if reason is None and (len(request.generated) >= params.max_tokens or total >= self.max_context):
             reason = "length"
-        if reason is None:
-            safe = len(text) - held_back(text, params.stop)
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
-                safe = min(safe, len(text) - 1)
-            safe = max(safe, request.emitted)
-        else:
-            safe = len(text)
+        safe = len(text) if reason is not None else safe_prefix(text, params.stop, request.emitted)
         delta, request.emitted, request.text = text[request.emitted:safe], safe, text
         if reason is None:
             request.emit(Event(request.request_id, delta, [token]))
@@ -417,18 +407,3 @@ class Engine:
         self.observer.request_finished(request.model or self.base_name, status, prompt, completion)
         request.emit(Event(request.request_id, delta, tokens or [], reason, error, prompt, completion))
 
-
-def _involves(key: str, name: str) -> bool:
-    """True when adapter key ``key`` is ``name`` or a combination with ``name`` as a term."""
-    terms = parse_combination(key)
-    return key == name if terms is None else any(term == name for term, _ in terms)
-
-
-def _collector(summary: Event):
-    def collect(event: Event) -> None:
-        summary.text += event.text
-        summary.token_ids.extend(event.token_ids)
-        if event.finished:
-            summary.finish_reason, summary.error = event.finish_reason, event.error
-            summary.prompt_tokens, summary.completion_tokens = event.prompt_tokens, event.completion_tokens
-    return collect

@@ -70,3 +70,14 @@ class Request:
     def emit(self, event: Event) -> None:
         if self.on_event is not None:
             self.on_event(event)
+
+
+def collector(summary: Event) -> Callable[[Event], None]:
+    """An ``on_event`` that accumulates a request's events into ``summary`` (text, tokens, the ending)."""
+    def collect(event: Event) -> None:
+        summary.text += event.text
+        summary.token_ids.extend(event.token_ids)
+        if event.finished:
+            summary.finish_reason, summary.error = event.finish_reason, event.error
+            summary.prompt_tokens, summary.completion_tokens = event.prompt_tokens, event.completion_tokens
+    return collect

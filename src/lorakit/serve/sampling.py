@@ -79,3 +79,24 @@ def held_back(text: str, stops: list[str]) -> int:
                 keep = length
                 break
     return keep
+
+
+def cut_at_stop(text: str, stops: list[str], emitted: int) -> tuple[str, bool]:
+    """(``text`` cut before its earliest stop string, True) or (``text``, False) when none occurs.
+
+    Only text from ``emitted`` (already streamed, so stop-free) minus the longest stop's overlap is searched.
+    """
+    if not stops:
+        return text, False
+    longest = max(len(s) for s in stops)
+    cut = find_stop(text, stops, max(0, emitted - longest + 1))
+    return (text, False) if cut is None else (text[:cut], True)
+
+
+def safe_prefix(text: str, stops: list[str], emitted: int) -> int:
+    """How much of ``text`` a running request may have streamed: nothing that could begin a stop string,
+    no trailing incomplete UTF-8 sequence, and never less than ``emitted``."""
+    safe = len(text) - held_back(text, stops)
+    if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
+        safe = min(safe, len(text) - 1)
+    return max(safe, emitted)
