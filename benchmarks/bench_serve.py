@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import copy
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -305,6 +306,7 @@ def main() -> None:
         print(json.dumps(cb_only(args, base, prompts(tokenizer, args.requests))))
         return
     started = time.perf_counter()
+    load_at_start = os.getloadavg()  # the machine is shared: say how busy it was
     deadline = started + args.time_limit
     ks = [int(k) for k in args.ks.split(",")]
     base, tokenizer = load_base(args.model)
@@ -333,13 +335,14 @@ def main() -> None:
         ratios["serve_K32_vs_K1"] = k32 / single
     if k32 and peft_rate:
         ratios["serve_K32_vs_peft_K32"] = k32 / peft_rate
+    load = {"start": list(load_at_start), "end": list(os.getloadavg())}  # 1, 5, 15-minute averages
     payload = {"setup": {**vars(args), "lora": LORA, **machine()}, "results": results, "ratios": ratios,
-               "wall_seconds": time.perf_counter() - started}
-    write(args.output, payload, table(args, results, ratios))
-    print(table(args, results, ratios))
+               "wall_seconds": time.perf_counter() - started, "load_average": load}
+    write(args.output, payload, table(args, results, ratios, load))
+    print(table(args, results, ratios, load))
 
 
-def table(args, results: dict, ratios: dict) -> str:
+def table(args, results: dict, ratios: dict, load: dict) -> str:
     lines = [
         "# Serving benchmark (loopback)",
         "",
@@ -347,6 +350,8 @@ def table(args, results: dict, ratios: dict) -> str:
         f"{args.max_tokens} generated tokens each, {args.concurrency} concurrent streaming clients "
         f"(= --max-batch), --max-loras {args.max_loras}, --max-cpu-loras {args.max_cpu_loras}; adapters r=8 "
         "on q_proj, v_proj.",
+        f"Load average (1 / 5 / 15 min) at start {'/'.join(f'{x:.1f}' for x in load['start'])}, at end "
+        f"{'/'.join(f'{x:.1f}' for x in load['end'])} (shared machine).",
         "",
         "| lorakit serve | tokens/s | TTFT p50 / p99 (s) | ITL p50 / p99 (s) | failed |",
         "| --- | --- | --- | --- | --- |",
