@@ -197,6 +197,8 @@ def test_combination_request_equals_combine_adapters(client, folder):
 def test_metrics(client, server):
     for _ in range(2):  # the first finds "a" in a slot or loads it; the second finds it there (a hit)
         client.completions.create(model="a", prompt="metrics", max_tokens=4, temperature=0)
+    with pytest.raises(openai.NotFoundError):  # counted as a 404 whatever ran before
+        client.completions.create(model="no-such-adapter", prompt="metrics", max_tokens=4)
     text = httpx.get(server[0] + "/metrics").text
     for name in ('lorakit_requests_total{model="a",status="ok"}', "lorakit_generation_tokens_total",
                  "lorakit_time_to_first_token_seconds_bucket", "lorakit_inter_token_latency_seconds_count",
