@@ -30,6 +30,9 @@ from pathlib import Path
 
 _TEMPORARY = ".{name}.lorakit-tmp-{pid}-{tag}"
 _ASIDE = ".{name}.lorakit-old-{pid}-{tag}"
+# Glob patterns of what a writer may leave beside its target, for code that tells a folder's own files
+# from leftovers.
+TEMPORARY_PATTERNS = (".*.lorakit-tmp-*", ".*.lorakit-old-*")
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 

@@ -15,6 +15,25 @@ from safetensors import safe_open
 
 from lorakit.peft_format import WEIGHTS_NAME
 
+# What ``save_pretrained`` writes for a model and its tokenizer (glob patterns): a folder holding only
+# these is a saved model.
+SAVED_MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+)
 
 class ModelFolder:
     """The tensors of a model folder (one or more ``*.safetensors`` files), opened lazily.

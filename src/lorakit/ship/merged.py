@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.atomic import write_folder
-from lorakit.io import load_adapter
+from lorakit.adapter_files import load_adapter
+from lorakit.atomic import TEMPORARY_PATTERNS, write_folder
 from lorakit.model import merge_and_unload
+from lorakit.models.folder import SAVED_MODEL_FILES
 from lorakit.models.loading import load_causal_lm, load_classifier
 
 
@@ -85,26 +86,8 @@ def export_merged(
     return write_folder(output, write)
 
 
-# What save_pretrained writes for a model and its tokenizer: a folder holding only these is a merged model.
-_MODEL_FILES = (
-    "config.json",
-    "generation_config.json",
-    "model.safetensors",
-    "model-*-of-*.safetensors",
-    "model.safetensors.index.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    ".*.lorakit-tmp-*",  # temporaries of an earlier atomic write
-    ".*.lorakit-old-*",
-)
+# A folder holding only what save_pretrained writes (and leftovers of an atomic write) is a merged model.
+_MODEL_FILES = (*SAVED_MODEL_FILES, *TEMPORARY_PATTERNS)
 
 
 def check_merge_output(output: Path, base: str | Path, adapter: Path, *, overwrite: bool) -> None:

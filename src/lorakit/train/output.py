@@ -22,7 +22,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lorakit.atomic import write_file
+from lorakit.atomic import TEMPORARY_PATTERNS, write_file
+from lorakit.models.folder import SAVED_MODEL_FILES
+from lorakit.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from lorakit.train.config import TrainConfig, field_names
 
 RUN_CONFIG_FILE = "run_config.yaml"
@@ -55,7 +57,7 @@ IDENTITY_FIELDS = (
     "seed",
 )
 _PATH_FIELDS = ("model", "data")
-_TEMPORARIES = (".*.lorakit-tmp-*", ".*.lorakit-old-*", ".tmp-*", ".old-*")
+_TEMPORARIES = (*TEMPORARY_PATTERNS, ".tmp-*", ".old-*")
 # What a run writes into its folder (``.*.lorakit-tmp-*``, ``.*.lorakit-old-*``: temporaries of
 # `lorakit.atomic`'s writes; ``.tmp-*``/``.old-*``: those of older versions).
 _RUN_FILES = (
@@ -64,32 +66,13 @@ _RUN_FILES = (
     "metrics.jsonl",
     "loss.png",
     "checkpoints",
-    "adapter_config.json",
-    "adapter_model.safetensors",
+    CONFIG_NAME,
+    WEIGHTS_NAME,
     "README.md",
-    ".*.lorakit-tmp-*",
-    ".*.lorakit-old-*",
-    ".tmp-*",
-    ".old-*",
+    *_TEMPORARIES,
 )
 # ... and, with method="full", what save_pretrained writes for a model and its tokenizer.
-_FULL_MODEL_FILES = (
-    "config.json",
-    "generation_config.json",
-    "model.safetensors",
-    "model-*-of-*.safetensors",
-    "model.safetensors.index.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-)
+_FULL_MODEL_FILES = SAVED_MODEL_FILES
 
 
 class OutputFolderError(ValueError):
