@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +24,6 @@ WEIGHTS = {"x": 0.7, "y": -0.3}
 TIGHT = {"atol": 1e-6, "rtol": 1e-5}
 # fp32 SVD reconstructs Σ w·ΔW (entries up to ~10) to ~1e-5
 LOOSE = {"atol": 1e-4, "rtol": 1e-4}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    # Models this small only lose time to intra-op threads, badly so on a shared CPU; restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def logits(model: nn.Module) -> torch.Tensor:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,16 +27,6 @@ from lorakit.models import (
 from lorakit.models.tiny import TINY_VOCAB_SIZE
 
 IDS = torch.tensor([[5, 6, 7, 40, 90, 3, 17]])
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # Tiny matmuls gain nothing from threads, and on a busy CPU OpenMP's thread handoff makes each
-    # one cost tens of milliseconds; restored afterwards so other test modules are unaffected.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def logits(model: torch.nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
