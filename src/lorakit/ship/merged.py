@@ -20,7 +20,6 @@ lie inside, or contain) the base or the adapter, and ``overwrite`` replaces only
 from __future__ import annotations
 
 import fnmatch
-import json
 import warnings
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from lorakit.atomic import TEMPORARY_PATTERNS, write_folder
 from lorakit.model import merge_and_unload
 from lorakit.models.folder import SAVED_MODEL_FILES
 from lorakit.models.loading import load_causal_lm, load_classifier
+from lorakit.peft_format import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
 
 
 def export_merged(
@@ -63,12 +63,11 @@ def export_merged(
             holds something other than a merged model.
     """
     output, adapter = Path(output), Path(adapter)
-    config_path = adapter / "adapter_config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"no adapter_config.json in {adapter}")
+    adapter_config = read_adapter_config(adapter)
+    if not isinstance(adapter_config, dict):
+        raise ValueError(f"{adapter / CONFIG_NAME}: expected a JSON object")
     check_merge_output(output, base, adapter, overwrite=overwrite)
     quantize = _quantize_of(adapter, quantize)
-    adapter_config = json.loads(config_path.read_text())
     if adapter_config.get("task_type") == "SEQ_CLS":
         model, tokenizer = load_classifier(base, _num_labels(adapter), dtype=dtype, quantize=quantize)
     else:
@@ -175,7 +174,7 @@ def _num_labels(adapter: Path) -> int:
     """Rows of the saved classifier head (``classifier.weight`` or ``score.weight``)."""
     from safetensors import safe_open
 
-    with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as tensors:
+    with safe_open(str(adapter / WEIGHTS_NAME), framework="pt") as tensors:
         for key in tensors.keys():  # noqa: SIM118 (safe_open objects are not iterable)
             if key.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight")):
                 return tensors.get_slice(key).get_shape()[0]
