@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 STARTED = time.time()
 
@@ -40,7 +41,7 @@ def main() -> None:
         phases[name] = time.time() - STARTED
 
     import torch
-    from datasets import Features, Value, load_dataset
+    from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -52,11 +53,15 @@ def main() -> None:
             if state.global_step == 1:
                 mark("first_step")
 
-    # Explicit string features: left to itself, the JSON loader (pyarrow) reads the short job's answers
-    # ("1963-03-26") as timestamps, and the chat template then renders "1963-03-26 00:00:00".
-    turn = [{"role": Value("string"), "content": Value("string")}]
-    features = Features({"prompt": turn, "completion": turn})
-    data = load_dataset("json", data_files={"train": args.train, "eval": args.eval}, features=features)
+    # The rows are read with the json module: `datasets.load_dataset("json")` (pyarrow) turns the short job's
+    # answers ("1963-03-26") into timestamps, which the chat template renders "1963-03-26 00:00:00", even
+    # when the features say string (the timestamp is cast back to text).
+    data = {
+        split: Dataset.from_list(
+            [json.loads(line) for line in Path(path).read_text("utf-8").splitlines() if line]
+        )
+        for split, path in (("train", args.train), ("eval", args.eval))
+    }
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     mark("model_loaded")
