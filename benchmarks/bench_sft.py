@@ -261,9 +261,10 @@ def markdown(result: dict[str, Any]) -> str:
         "all-linear, dropout 0.05, lr 1e-3 cosine, 3 warm-up steps, 1 epoch, batch 8, seed 0, loss on the "
         "answer only. Wall = the whole process; ratios are lorakit / TRL row within this run.",
         "",
-        "| job | row | dtype | steps | wall s | first step s | peak RSS GiB | eval loss | exact match | "
-        "wall vs TRL | RSS vs TRL | load 1 min |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| job | row | dtype | steps | wall s | CPU s | first step s | peak RSS GiB | eval loss | "
+        "exact match | "
+        "wall vs TRL | CPU vs TRL | RSS vs TRL | load 1 min |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in result["runs"]:
         if "error" in run:
@@ -272,16 +273,20 @@ def markdown(result: dict[str, Any]) -> str:
         ratios = run.get("ratios", {})
         wall = ", ".join(f"{v:.2f} ({k})" for k, v in ratios.get("wall", {}).items())
         rss = ", ".join(f"{v:.2f} ({k})" for k, v in ratios.get("rss", {}).items())
+        cpu = ", ".join(f"{v:.2f} ({k})" for k, v in ratios.get("cpu", {}).items())
         em = run.get("exact_match")
         lines.append(
             f"| {run['job']} | {run['row']} | {run['dtype']} | {run['steps']} | {run['wall_s']:.0f} | "
+            f"{run['user_s'] + run['system_s']:.0f} | "
             f"{run['first_step_s']:.1f} | {run['peak_rss_bytes'] / 2**30:.2f} | "
             f"{run['eval_loss']:.4f} | {'-' if em is None else f'{100 * em:.1f} %'} | {wall or '-'} | "
+            f"{cpu or '-'} | "
             f"{rss or '-'} | {run['load_before']:.1f}-{run['load_after']:.1f} |"
         )
     lines += ["", "Start-up (median of 3 fresh interpreters, seconds):", ""]
     lines += [f"- {name}: {seconds:.2f}" for name, seconds in result["startup"].items()]
     lines += ["", f"Sizes: {result['sizes']}. Total benchmark time {result['total_s'] / 60:.1f} min."]
+    lines += [f"Note: {result['note']}"] if result.get("note") else []
     return "\n".join(lines) + "\n"
 
 
@@ -291,7 +296,9 @@ def add_ratios(runs: list[dict[str, Any]]) -> None:
             continue
         for other in runs:
             if other["job"] == run["job"] and other["row"] != "lorakit" and "error" not in other:
-                run.setdefault("ratios", {"wall": {}, "rss": {}, "exact_match_points": {}})
+                run.setdefault("ratios", {"wall": {}, "cpu": {}, "rss": {}, "exact_match_points": {}})
+                cpu = (run["user_s"] + run["system_s"]) / (other["user_s"] + other["system_s"])
+                run["ratios"]["cpu"][other["row"]] = round(cpu, 3)
                 run["ratios"]["wall"][other["row"]] = round(run["wall_s"] / other["wall_s"], 3)
                 run["ratios"]["rss"][other["row"]] = round(run["peak_rss_bytes"] / other["peak_rss_bytes"], 3)
                 if run.get("exact_match") is not None and other.get("exact_match") is not None:
