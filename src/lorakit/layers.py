@@ -87,7 +87,22 @@ def _adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
     return base_weight.dtype if base_weight.dtype in (torch.float32, torch.float64) else torch.float32
 
 
-class AdapterLayer(nn.Module):
+class WrapsBase(nn.Module):
+    """A module around ``base_layer`` whose unknown attributes are the base's: code written for the base
+    module (``layer.weight``, ``layer.in_features``, ``lm_head.out_features``) keeps working."""
+
+    base_layer: nn.Module
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+
+class AdapterLayer(WrapsBase):
     """Bookkeeping shared by the LoRA layers: adapter names, which are active, which are merged.
 
     Subclasses provide ``_new_adapter``, ``delta_weight``, ``_dense_weight`` and ``_write_weight``.
@@ -104,15 +119,6 @@ class AdapterLayer(nn.Module):
         # What unmerge needs beyond the adapter itself, per merged adapter (DoRA: the norm at merge time).
         self.merge_memos: dict[str, torch.Tensor] = {}
         self.disabled = False
-
-    def __getattr__(self, name: str) -> Any:
-        # Code written for the base module (`layer.weight`, `layer.in_features`) keeps working.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
 
     @property
     def adapter_names(self) -> list[str]:

@@ -9,27 +9,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.layers import WrapsBase
 from lorakit.mixed import AdapterPool, SlotRoute, SlotWeights
 
 __all__ = ["AdapterPool", "SlotModule", "SlotRoute", "SlotWeights", "dense_weight", "module_shape"]
 
 
-class SlotModule(nn.Module):
+class SlotModule(WrapsBase):
     """What the engine puts in place of an adapted module of a plain model: base output + each row's slot."""
 
     def __init__(self, base_layer: nn.Module, route: SlotRoute) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.route = route
-
-    def __getattr__(self, name: str) -> Any:
-        # Code written for the base module (`embed_tokens.weight`, `lm_head.out_features`) keeps working.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.route.forward(self, x, *args, **kwargs)
