@@ -1,6 +1,7 @@
 """Serving benchmark: lorakit serve over loopback with K distinct adapters, against the alternatives.
 
     .venv/bin/python benchmarks/bench_serve.py [--model smollm2-135m-instruct|tiny] [--requests 128]
+    python benchmarks/bench_serve.py --device cuda --dtype bfloat16 --output serve_gpu   # on a GPU
 
 Bounded: a fixed number of requests per configuration, each generating exactly ``--max-tokens`` tokens
 (``ignore_eos``), ``--concurrency`` clients at a time; every phase after ``--time-limit`` seconds is skipped
@@ -57,14 +58,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def load_base(name: str):
+def load_base(name: str, device: str = "cpu", dtype: str = "float32"):
+    """(model on ``device`` in ``dtype``, tokenizer); every row of the run starts from a copy of it."""
     if name == "tiny":
         from lorakit.models.tiny import tiny_llama, tiny_tokenizer
 
-        return tiny_llama(), tiny_tokenizer()
-    from lorakit.models import load_causal_lm
+        model, tokenizer = tiny_llama(), tiny_tokenizer()
+    else:
+        from lorakit.models import load_causal_lm
 
-    return load_causal_lm(name)
+        model, tokenizer = load_causal_lm(name)
+    return model.to(device=device, dtype=getattr(torch, dtype)).eval(), tokenizer
 
 
 def write_adapters(base, folder: Path, count: int) -> list[str]:
@@ -153,7 +157,7 @@ def start_server(args, base, tokenizer, folder: Path):
     """(url, engine, server, thread) of a lorakit server on a free loopback port."""
     options = ServeOptions(model="base", adapters=str(folder), max_batch=args.concurrency,
                            max_loras=args.max_loras, max_lora_rank=16, max_cpu_loras=args.max_cpu_loras,
-                           max_queue=10 * args.requests)
+                           max_queue=10 * args.requests, dtype=args.dtype, device=args.device)
     app, engine = build_app(options, copy.deepcopy(base), tokenizer)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -223,7 +227,7 @@ def peft_round(args, model, tokenizer, ids: list[list[int]], indices: list[int],
     with torch.no_grad():
         for first in range(0, len(indices), args.concurrency):
             batch = indices[first : first + args.concurrency]
-            input_ids, mask = left_padded([ids[i] for i in batch], pad)
+            input_ids, mask = (t.to(args.device) for t in left_padded([ids[i] for i in batch], pad))
             names = [f"ad{i % k}" for i in batch]
             out = model.generate(input_ids=input_ids, attention_mask=mask, adapter_names=names,
                                  max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens,
@@ -241,7 +245,7 @@ def naive_phase(args, base, tokenizer, folder: Path, ids: list[list[int]], k: in
         for index in range(args.naive_requests):
             lorakit.set_adapter(model, f"ad{index % k}")
             lorakit.merge(model)
-            prompt = torch.tensor([ids[index]])
+            prompt = torch.tensor([ids[index]], device=args.device)
             out = model.generate(prompt, attention_mask=torch.ones_like(prompt),
                                  max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens,
                                  do_sample=False, pad_token_id=tokenizer.pad_token_id or 0)
@@ -255,7 +259,8 @@ def naive_phase(args, base, tokenizer, folder: Path, ids: list[list[int]], k: in
 def transformers_cb_phase(args, seconds: float) -> dict:
     """Run `cb_only` in a child process, killed after ``seconds`` (it can be very slow on a CPU)."""
     command = [sys.executable, __file__, "--cb-only", "--model", args.model, "--requests", str(args.requests),
-               "--cb-requests", str(args.cb_requests), "--max-tokens", str(args.max_tokens)]
+               "--cb-requests", str(args.cb_requests), "--max-tokens", str(args.max_tokens),
+               "--device", args.device, "--dtype", args.dtype]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=seconds, check=False)
     except subprocess.TimeoutExpired:
@@ -299,17 +304,20 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=900, help="seconds; later phases are skipped")
     parser.add_argument("--output", default="serve")
     parser.add_argument("--cb-timeout", type=float, default=300, help="seconds for transformers' batching")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where the model runs")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="the base model's weights (all rows alike)")
     parser.add_argument("--cb-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.cb_only:
-        base, tokenizer = load_base(args.model)
+        base, tokenizer = load_base(args.model, args.device, args.dtype)
         print(json.dumps(cb_only(args, base, prompts(tokenizer, args.requests))))
         return
     started = time.perf_counter()
     load_at_start = os.getloadavg()  # the machine is shared: say how busy it was
     deadline = started + args.time_limit
     ks = [int(k) for k in args.ks.split(",")]
-    base, tokenizer = load_base(args.model)
+    base, tokenizer = load_base(args.model, args.device, args.dtype)
     ids = prompts(tokenizer, args.requests)
     results: dict[str, object] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -336,17 +344,38 @@ def main() -> None:
     if k32 and peft_rate:
         ratios["serve_K32_vs_peft_K32"] = k32 / peft_rate
     load = {"start": list(load_at_start), "end": list(os.getloadavg())}  # 1, 5, 15-minute averages
-    payload = {"setup": {**vars(args), "lora": LORA, **machine()}, "results": results, "ratios": ratios,
+    setup = {**vars(args), "lora": LORA, **machine(), **device_facts(args.device)}
+    payload = {"setup": setup, "results": results, "ratios": ratios,
                "wall_seconds": time.perf_counter() - started, "load_average": load}
     write(args.output, payload, table(args, results, ratios, load))
     print(table(args, results, ratios, load))
+
+
+def device_name(device: str) -> str:
+    kind = torch.device(device)
+    return torch.cuda.get_device_name(kind) if kind.type == "cuda" else "CPU"
+
+
+def device_facts(device: str) -> dict:
+    if torch.device(device).type != "cuda":
+        return {"device": "cpu"}
+    return {"device": device, "device_name": device_name(device), "cuda": torch.version.cuda}
+
+
+def regenerate_command(args) -> str:
+    python = ".venv/bin/python" if torch.device(args.device).type == "cpu" else "python"
+    extra = f" --device {args.device} --dtype {args.dtype} --output {args.output}"
+    if args.device == "cpu" and args.dtype == "float32" and args.output == "serve":
+        extra = ""
+    return f"{python} benchmarks/bench_serve.py --model {args.model}{extra}"
 
 
 def table(args, results: dict, ratios: dict, load: dict) -> str:
     lines = [
         "# Serving benchmark (loopback)",
         "",
-        f"Model {args.model}, fp32, {torch.get_num_threads()} threads; {args.requests} requests per row, "
+        f"Model {args.model}, {args.dtype} on {device_name(args.device)}, {torch.get_num_threads()} CPU "
+        f"threads; {args.requests} requests per row, "
         f"{args.max_tokens} generated tokens each, {args.concurrency} concurrent streaming clients "
         f"(= --max-batch), --max-loras {args.max_loras}, --max-cpu-loras {args.max_cpu_loras}; adapters r=8 "
         "on q_proj, v_proj.",
@@ -380,7 +409,7 @@ def table(args, results: dict, ratios: dict, load: dict) -> str:
     lines += ["", "| ratio | value | target |", "| --- | --- | --- |"]
     targets = {"serve_K32_vs_K1": ">= 0.8", "serve_K32_vs_peft_K32": ">= 3"}
     lines += [f"| {k} | {v:.2f} | {targets.get(k, '')} |" for k, v in ratios.items()]
-    lines += ["", f"Regenerate: `.venv/bin/python benchmarks/bench_serve.py --model {args.model}`", ""]
+    lines += ["", f"Regenerate: `{regenerate_command(args)}`", ""]
     return "\n".join(lines)
 
 

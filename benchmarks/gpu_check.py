@@ -54,6 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=10, help="timed steps per library and row")
     parser.add_argument("--device", default="cuda", help="cuda or cuda:N (cpu only to dry-run the code)")
+    parser.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help="built-in name or model folder (benchmarks/stand_in_model.py: one for a machine without it)",
+    )
     parser.add_argument("--output", default=None, help="results name under benchmarks/results (default gpu)")
     args = parser.parse_args(argv)
     args.sections = _subset(parser, "--sections", args.sections, SECTIONS)
@@ -108,9 +113,11 @@ class Clock:
 def check_train(args: argparse.Namespace, device: Any, log: Callable[[str], None]) -> list[dict[str, Any]]:
     import gc
 
+    import bench_train
     import torch
     from bench_train import agreement, build_row, init_adamw_state, make_batch
 
+    bench_train.MODEL = args.model  # build_row's base
     results = []
     for dtype in args.dtypes:
         for row in args.rows:
@@ -222,7 +229,7 @@ def _lean_activations(
     from lorakit.train.lean_activations import LeanActivations
     from lorakit.train.loss import LossModule
 
-    model, _ = load_causal_lm("smollm2-135m-instruct")
+    model, _ = load_causal_lm(args.model)
     lorakit.inject(model, lorakit.LoraConfig(r=16, target_modules="all-linear", init_lora_weights=False))
     model.to(device).train()
     loss_module = LossModule(model, "causal", 512)
@@ -283,7 +290,8 @@ def report(results: dict[str, list[dict[str, Any]]], setup: dict[str, Any], comm
         "# GPU check",
         "",
         f"{setup['device_name']}, torch {setup['torch']}, CUDA {setup['cuda']}, "
-        f"peft {setup.get('peft')}, bitsandbytes {setup.get('bitsandbytes')}; batch "
+        f"peft {setup.get('peft')}, bitsandbytes {setup.get('bitsandbytes')}, transformers "
+        f"{setup.get('transformers')}; model {setup.get('model')}; batch "
         f"{setup['batch'][0]} x {setup['batch'][1]} tokens. Total {setup['seconds']:.0f} s.",
         "",
     ]
@@ -349,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
     import bitsandbytes
     import peft
+    import transformers
     from timing import machine, write
 
     setup = {
@@ -357,10 +366,13 @@ def main(argv: list[str] | None = None) -> int:
         "cuda": torch.version.cuda,
         "peft": peft.__version__,
         "bitsandbytes": bitsandbytes.__version__,
+        "transformers": transformers.__version__,
+        "model": args.model,
         "batch": [args.batch_size, args.seq_len],
         "seconds": time.perf_counter() - started,
     }
-    command = "bash scripts/gpu-check.sh" + ("" if argv is None else " " + " ".join(argv))
+    shown = sys.argv[1:] if argv is None else argv
+    command = " ".join(["bash scripts/gpu-check.sh", *shown])
     text = report(results, setup, command)
     passed = all(r["passed"] for section in results.values() for r in section)
     if device.type == "cuda" or args.output:

@@ -40,14 +40,14 @@ def check_serve(args: argparse.Namespace, device: Any, log: Callable[[str], None
     with tempfile.TemporaryDirectory() as folder:
         for index, name in enumerate(names):
             torch.manual_seed(index)
-            model, _ = load_causal_lm("smollm2-135m-instruct")
+            model, _ = load_causal_lm(args.model)
             lorakit.inject(model, configs[name], "x")
             with torch.no_grad():  # strong enough that every adapter changes the greedy tokens
                 for key, parameter in model.named_parameters():
                     if "lora_B" in key:
                         parameter.mul_(3.0)
             lorakit.save_adapter(model, Path(folder) / name, adapter_name="x")
-        model, tokenizer = load_causal_lm("smollm2-135m-instruct")
+        model, tokenizer = load_causal_lm(args.model)
         engine = Engine(
             model.to(device),
             tokenizer,
@@ -68,7 +68,7 @@ def check_serve(args: argparse.Namespace, device: Any, log: Callable[[str], None
         batch()  # warm-up (adapters parsed and placed in slots)
         events, seconds, peak = clock.peak_during(batch)
         agreeing, total, changed = 0, 0, 0
-        base_model, _ = load_causal_lm("smollm2-135m-instruct")
+        base_model, _ = load_causal_lm(args.model)
         base_model.to(device)
 
         def base_greedy(prompt: list[int]) -> list[int]:
@@ -84,7 +84,7 @@ def check_serve(args: argparse.Namespace, device: Any, log: Callable[[str], None
             return out[0, len(prompt) :].tolist()
 
         for prompt, name, event in zip(prompts, models, events):
-            reference, _ = load_causal_lm("smollm2-135m-instruct")
+            reference, _ = load_causal_lm(args.model)
             if name is not None:
                 lorakit.load_adapter(reference, Path(folder) / name)
                 lorakit.merge(reference)

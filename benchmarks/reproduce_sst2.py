@@ -5,15 +5,26 @@
 
 Stages (each resumable: finished runs are skipped, see `lorakit.analysis.sweep`):
 
-1. ``data``: a fixed random subset of SST-2's training set (seed 0), written to ``runs/sst2/data``.
+1. ``data``: a fixed random subset of SST-2's training set (seed 0), written to ``runs/sst2/data``;
+   ``--train-size all`` takes every sentence (see `training_rows`).
 2. ``pilot``: the learning rate, chosen on the **dev** set: LoRA r=8 on q,v at each of ``--lora-lrs``, full
-   fine-tuning at each of ``--full-lrs``; the best dev accuracy wins per method.
+   fine-tuning at each of ``--full-lrs``; the best dev accuracy wins per method. The pilot trains on the
+   training file itself, or on the first ``--pilot-size`` sentences of the same shuffle (then it is shorter
+   than the final runs).
 3. ``sweep``: full fine-tuning, LoRA r ∈ {1, 2, 4, 8, 16, 64} on q,v, r=8 on q,k,v,o and all-linear, and
    DoRA r=8 on q,v, every run with the same data, steps and schedule (the two pilot winners are reused,
    not retrained).
 4. ``test``: the held-out test accuracy of full fine-tuning and of LoRA r=8 on q,v, once, after every
    choice was made on dev.
 5. ``rank``: the intrinsic rank of the full fine-tune's update ΔW (`lorakit.analysis.rank`).
+
+``all`` runs these five. One more stage runs only when named:
+
+- ``final``: only the two compared runs (full fine-tuning and LoRA r=8 on q,v at the chosen learning rates)
+  on the training file, and their table; with a ``--pilot-size`` pilot these are new runs (the full-data
+  design, where a sweep of ten settings would not fit), otherwise the pilot's winners. ``--methods lora``
+  or ``full`` limits ``pilot`` and ``final`` to one method, so that two processes can train side by side;
+  a later run with both methods writes ``pilot_lr.json`` and the table from the finished runs.
 
 Commit-ready outputs go to ``docs/figures/sst2/`` (JSON, markdown, PNG); runs, models and checkpoints stay
 under ``runs/sst2/`` (git-ignored).
@@ -32,12 +43,16 @@ from pathlib import Path
 
 import torch
 
-from lorakit.analysis.sweep import SweepCallback
+from lorakit.analysis.sweep import SweepCallback, SweepSetting
 
 ROOT = Path(__file__).resolve().parent.parent
 # SST-2 (GLUE: train.tsv, dev.tsv, test.tsv) as the project keeps it beside the checkout; see --sst2.
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
-STAGES = ("data", "pilot", "sweep", "test", "rank")
+STAGES = ("data", "pilot", "sweep", "test", "rank")  # what --stage all runs
+EXTRA_STAGES = ("final",)  # run only when named
+METHODS = ("lora", "full")
+# The two settings the reproduction compares (and scores on test).
+COMPARED = {"lora": SweepSetting("lora", 8, ("q", "v")), "full": SweepSetting("full")}
 # Layer types of a BERT block, by the end of the weight's name (the order matters: o before FFN down).
 LAYER_TYPES = (
     ("query", r"attention\.self\.query\.weight$"),
@@ -54,12 +69,47 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def parse_args() -> argparse.Namespace:
+def train_size(text: str) -> int | None:
+    """``--train-size``: a positive number of sentences, or ``all`` (None)."""
+    if text == "all":
+        return None
+    try:
+        size = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of sentences or 'all', got {text!r}") from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of sentences, got {size}")
+    return size
+
+
+def method_list(text: str) -> tuple[str, ...]:
+    """``--methods``: a comma-separated subset of ``lora,full``, in the canonical order."""
+    names = {name.strip() for name in text.split(",")}
+    unknown = sorted(names - set(METHODS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"methods are {', '.join(METHODS)}; got {text!r}")
+    return tuple(m for m in METHODS if m in names)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--stage", choices=(*STAGES, "all"), default="all")
-    parser.add_argument("--train-size", type=int, default=3200, help="training sentences (default 3200)")
+    parser.add_argument("--stage", choices=(*STAGES, *EXTRA_STAGES, "all"), default="all")
+    parser.add_argument(
+        "--train-size", type=train_size, default=3200, help="training sentences, or 'all' (default 3200)"
+    )
+    parser.add_argument(
+        "--pilot-size",
+        type=train_size,
+        default=None,
+        help="train the learning-rate pilot on the first N sentences of the shuffle (default: the training "
+        "file itself)",
+    )
+    parser.add_argument(
+        "--methods", type=method_list, default=METHODS, help="pilot and final: lora, full or both (default)"
+    )
+    parser.add_argument("--model", default="minilm-l6", help="built-in model name or HF folder (minilm-l6)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--lora-lrs", default="5e-4,1e-3,2e-3,4e-3", help="LoRA learning rates tried on dev")
@@ -71,15 +121,18 @@ def parse_args() -> argparse.Namespace:
                         help="folder with SST-2's train.tsv, dev.tsv, test.tsv (default ../shared/data/sst2)")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "sst2")
     parser.add_argument("--figures", type=Path, default=ROOT / "docs" / "figures" / "sst2")
-    return parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.methods != METHODS and args.stage not in ("data", "pilot", "final"):
+        parser.error("--methods applies to the pilot and final stages only")
+    return args
 
 
 def base_config(args: argparse.Namespace, train_file: Path):
     from lorakit.train import TrainConfig
 
-    # One epoch over the subset: every run sees the same sentences in the same order (seed 0).
+    # One epoch over the file: every run sees the same sentences in the same order (seed 0).
     return TrainConfig(
-        model="minilm-l6",
+        model=args.model,
         task="classify",
         format="classify",
         data=str(train_file),
@@ -87,7 +140,7 @@ def base_config(args: argparse.Namespace, train_file: Path):
         max_length=args.max_length,
         batch_size=args.batch_size,
         eval_batch_size=64,
-        steps=args.train_size // args.batch_size,
+        steps=_count_rows(train_file) // args.batch_size,
         alpha=16.0,  # fixed for every rank, as in the LoRA paper (scaling alpha / r)
         dropout=0.1,
         scheduler="linear",
@@ -95,23 +148,50 @@ def base_config(args: argparse.Namespace, train_file: Path):
         eval_metric="accuracy",
         seed=0,
         device="cpu",
+        # fp32 as in the published runs; `dtype="auto"` would pick bf16 autocast on a CPU with AVX512-BF16.
+        dtype="fp32",
     )
+
+
+def _count_rows(tsv: Path) -> int:
+    """Data rows of a TSV file with a header line."""
+    with tsv.open(encoding="utf-8") as handle:
+        return sum(1 for line in handle if line.strip()) - 1
 
 
 # --- 1. data ----------------------------------------------------------------------------------------------
 
 
-def stage_data(args: argparse.Namespace) -> Path:
-    target = args.runs / "data" / f"train-{args.train_size}.tsv"
+def stage_data(args: argparse.Namespace, size: int | None) -> Path:
+    """The training file of ``size`` sentences (None: all), written once under ``runs/…/data``."""
+    from lorakit.atomic import write_file
+
+    target = args.runs / "data" / f"train-{'all' if size is None else size}.tsv"
     if target.is_file():
         return target
     lines = (args.sst2 / "train.tsv").read_text(encoding="utf-8").splitlines()
-    header, rows = lines[0], lines[1:]
-    random.Random(0).shuffle(rows)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text("\n".join([header, *rows[: args.train_size]]) + "\n", encoding="utf-8")
-    log(f"data: {args.train_size} of {len(rows)} training sentences -> {target}")
+    header, rows = lines[0], [line for line in lines[1:] if line.strip()]
+    chosen = training_rows(rows, size, args.batch_size)
+    # atomic: two processes (--methods) may write the same file at once
+    write_file(target, "\n".join([header, *chosen]) + "\n")
+    log(f"data: {len(chosen)} rows from {len(rows)} training sentences -> {target}")
     return target
+
+
+def training_rows(rows: list[str], size: int | None, batch_size: int) -> list[str]:
+    """The first ``size`` rows of a seed-0 shuffle, or (``size`` None) every row.
+
+    The trainer drops an incomplete last batch. So that every sentence is trained on, ``all`` repeats the
+    first rows of the shuffle until the count is a whole number of batches (11 repeats for SST-2's 67,349
+    sentences in batches of 32).
+    """
+    if size is not None and size > len(rows):
+        raise ValueError(f"--train-size {size} is more than the {len(rows)} training sentences")
+    shuffled = list(rows)
+    random.Random(0).shuffle(shuffled)
+    if size is not None:
+        return shuffled[:size]
+    return shuffled + shuffled[: -len(shuffled) % batch_size]
 
 
 # --- 2. learning rates on dev -----------------------------------------------------------------------------
@@ -121,29 +201,39 @@ def _lrs(text: str) -> list[float]:
     return [float(x) for x in text.split(",")]
 
 
-def stage_pilot(args: argparse.Namespace, train_file: Path) -> dict:
-    from lorakit.analysis.sweep import SweepSetting, run_sweep
+def stage_pilot(args: argparse.Namespace, pilot_file: Path) -> dict:
+    """Train each method at each of its learning rates on ``pilot_file``; the best on dev is chosen.
 
-    base = base_config(args, train_file)
-    lora, full = SweepSetting("lora", 8, ("q", "v")), SweepSetting("full")
+    ``pilot_lr.json`` is written only when both methods ran (one process of a ``--methods`` pair would
+    otherwise overwrite the other's).
+    """
+    from lorakit.analysis.sweep import run_sweep
+
+    base = base_config(args, pilot_file)
+    grids = {"lora": _lrs(args.lora_lrs), "full": _lrs(args.full_lrs)}
     trials: list[dict] = []
-    for lr in _lrs(args.lora_lrs):
-        folder = args.runs / "pilot" / f"lora-lr{lr:g}"
-        row = run_sweep(base.replace(lr=lr), [lora], folder, callback=Printer()).rows[0]
-        trials.append({"method": "lora", "lr": lr, "folder": str(folder / lora.name), **_scores(row)})
-    for lr in _lrs(args.full_lrs):
-        folder = args.runs / "pilot" / f"full-lr{lr:g}"
-        row = run_sweep(base, [full], folder, full_overrides={"lr": lr}, callback=Printer()).rows[0]
-        trials.append({"method": "full", "lr": lr, "folder": str(folder / full.name), **_scores(row)})
+    for method in args.methods:
+        setting = COMPARED[method]
+        for lr in grids[method]:
+            folder = args.runs / "pilot" / f"{method}-lr{lr:g}"
+            # the full run takes its lr from the overrides, LoRA from the base options
+            config, overrides = (base, {"lr": lr}) if method == "full" else (base.replace(lr=lr), None)
+            row = run_sweep(config, [setting], folder, full_overrides=overrides, callback=Printer()).rows[0]
+            trials.append({"method": method, "lr": lr, "folder": str(folder / setting.name), **_scores(row)})
     chosen = {}
-    for method in ("lora", "full"):
+    for method in args.methods:
         candidates = [t for t in trials if t["method"] == method]
         # best dev accuracy; a tie goes to the lower dev loss
         best = max(candidates, key=lambda t: (t["dev_accuracy"], -t["dev_loss"]))
         chosen[method] = best
-    pilot = {"selected_on": "SST-2 dev accuracy (872 sentences)", "trials": trials, "chosen": chosen}
-    _write_json(args.figures / "pilot_lr.json", pilot)
-    log(f"pilot: LoRA lr {chosen['lora']['lr']:g}, full fine-tuning lr {chosen['full']['lr']:g}")
+    pilot: dict = {"selected_on": "SST-2 dev accuracy (872 sentences)", "trials": trials, "chosen": chosen}
+    if args.pilot_size is not None:
+        # a pilot shorter than the final runs says how much shorter
+        pilot["pilot_sentences"] = _count_rows(pilot_file)
+        pilot["pilot_steps"] = base.steps
+    if args.methods == METHODS:
+        _write_json(args.figures / "pilot_lr.json", pilot)
+    log("pilot: " + ", ".join(f"{m} lr {chosen[m]['lr']:g}" for m in args.methods))
     return pilot
 
 
@@ -171,6 +261,38 @@ class Printer(SweepCallback):
 # --- 3. the sweep -----------------------------------------------------------------------------------------
 
 
+def link_pilot_winners(pilot: dict, main: Path, methods: tuple[str, ...] = METHODS) -> None:
+    """Link the pilot's chosen runs into ``main``: they are exactly the runs the next stage would train
+    (same options; `run_sweep` checks the options of a finished run before it skips it)."""
+    main.mkdir(parents=True, exist_ok=True)
+    for method in methods:
+        name = COMPARED[method].name
+        link, target = main / name, os.path.relpath(pilot["chosen"][method]["folder"], main)
+        if link.is_symlink() and os.readlink(link) != target:
+            link.unlink()  # a wider learning-rate grid chose another run
+        if not link.exists():
+            link.symlink_to(target)
+
+
+def stage_final(args: argparse.Namespace, train_file: Path, pilot_file: Path, pilot: dict) -> None:
+    """The two compared runs on the training file at the chosen learning rates, in ``runs/…/main``."""
+    from lorakit.analysis.sweep import run_sweep, write_sweep_report
+
+    main = args.runs / "main"
+    if pilot_file == train_file:
+        link_pilot_winners(pilot, main, args.methods)
+    chosen = pilot["chosen"]
+    base = base_config(args, train_file)
+    if "lora" in chosen:
+        base = base.replace(lr=chosen["lora"]["lr"])
+    overrides = {"lr": chosen["full"]["lr"]} if "full" in chosen else None
+    settings = [COMPARED[method] for method in args.methods]
+    result = run_sweep(base, settings, main, full_overrides=overrides, callback=Printer())
+    if args.methods == METHODS:
+        paths = write_sweep_report(result, args.figures)
+        log(f"final: {len(result.ran)} trained, {len(result.skipped)} reused -> {paths['markdown']}")
+
+
 def stage_sweep(args: argparse.Namespace, train_file: Path, pilot: dict) -> None:
     from lorakit.analysis.sweep import plan_settings, run_sweep, write_sweep_report
 
@@ -185,15 +307,8 @@ def stage_sweep(args: argparse.Namespace, train_file: Path, pilot: dict) -> None
         full=True,
     )
     main = args.runs / "main"
-    main.mkdir(parents=True, exist_ok=True)
     # The pilot's winners are exactly two of these runs (same options): link them instead of retraining.
-    # run_sweep checks the options of a finished run before it skips it.
-    for name, method in (("lora-qv-r8", "lora"), ("full", "full")):
-        link, target = main / name, os.path.relpath(pilot["chosen"][method]["folder"], main)
-        if link.is_symlink() and os.readlink(link) != target:
-            link.unlink()  # a wider learning-rate grid chose another run
-        if not link.exists():
-            link.symlink_to(target)
+    link_pilot_winners(pilot, main)
     result = run_sweep(base, settings, main, full_overrides={"lr": full_lr}, callback=Printer())
     paths = write_sweep_report(result, args.figures)
     log(f"sweep: {len(result.ran)} trained, {len(result.skipped)} reused -> {paths['markdown']}")
@@ -310,17 +425,20 @@ def _write_json(path: Path, value: dict) -> None:
     path.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
 
 
-def main() -> int:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.figures.mkdir(parents=True, exist_ok=True)
     wanted = STAGES if args.stage == "all" else (args.stage,)
     started = time.perf_counter()
-    train_file = stage_data(args)
+    train_file = stage_data(args, args.train_size)
+    pilot_file = train_file if args.pilot_size is None else stage_data(args, args.pilot_size)
     pilot = None
-    if "pilot" in wanted or "sweep" in wanted:
-        pilot = stage_pilot(args, train_file)  # resumable: reruns nothing once done
+    if {"pilot", "final", "sweep"} & set(wanted):
+        pilot = stage_pilot(args, pilot_file)  # resumable: reruns nothing once done
+    if "final" in wanted:
+        stage_final(args, train_file, pilot_file, pilot)
     if "sweep" in wanted:
         stage_sweep(args, train_file, pilot)
     if "test" in wanted:

@@ -21,6 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-cpu-loras", type=int, default=32, help="parsed adapters kept in host memory")
     parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda or cuda:N (default: CUDA when there is a device, else cpu)")
     scale = parser.add_argument_group("replicas (Ray Serve; pip install lorakit[ray]; docs/distributed.md)")
     scale.add_argument("--ray", action="store_true",
                        help="serve with Ray Serve replicas routed by adapter (joins RAY_ADDRESS if set)")
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     options = ServeOptions(model=args.model, adapters=args.adapters, host=args.host, port=args.port,
                            api_key=args.api_key, max_batch=args.max_batch, max_loras=args.max_loras,
                            max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
-                           max_queue=args.max_queue, dtype=args.dtype)
+                           max_queue=args.max_queue, dtype=args.dtype, device=args.device)
     if args.ray:
         from lorakit.serve.ray_app import RayOptions, run_ray_server
 

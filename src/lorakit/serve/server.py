@@ -31,6 +31,25 @@ class ServeOptions:
     max_cpu_loras: int = 32
     max_queue: int = 256
     dtype: str = "float32"
+    device: str | None = None  # None: the first CUDA device when there is one, else the CPU
+
+
+def serving_device(device: str | None) -> Any:
+    """The torch device the engine runs on: ``device`` as given (``cpu``, ``cuda``, ``cuda:1``), or CUDA
+    when available and nothing was asked for. Raises ValueError for a CUDA device the machine lacks."""
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"--device: {error}") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no CUDA device (use --device cpu)")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return chosen
 
 
 def base_model_name(model: str) -> str:
@@ -40,13 +59,16 @@ def base_model_name(model: str) -> str:
 
 
 def build_app(options: ServeOptions, model: Any = None, tokenizer: Any = None) -> tuple[Any, Engine]:
-    """(FastAPI app, engine); the model is loaded from ``options.model`` unless given."""
+    """(FastAPI app, engine); the model is loaded from ``options.model`` unless given, and moved to
+    ``options.device`` (the engine keeps its adapter slots on the device of the model's weights)."""
     from lorakit.serve.app import create_app
 
+    device = serving_device(options.device)
     if model is None:
         from lorakit.models import load_causal_lm
 
         model, tokenizer = load_causal_lm(options.model, dtype=options.dtype)
+    model = model.to(device)
     catalog = AdapterCatalog(options.adapters)
     metrics = ServeMetrics()
     engine = Engine(model, tokenizer, base_name=base_model_name(options.model), catalog=catalog,
@@ -65,7 +87,7 @@ def run_server(options: ServeOptions) -> None:
         raise ValueError(f"--max-queue must be >= 1, got {options.max_queue}")
     app, engine = build_app(options)
     names = engine.catalog.names()
-    logger.info("serving http://%s:%d/v1, base model %s, %d adapter(s)%s",
-                   options.host, options.port,
-                   engine.base_name, len(names), f": {', '.join(names)}" if names else "")
+    logger.info("serving http://%s:%d/v1, base model %s on %s, %d adapter(s)%s",
+                options.host, options.port, engine.base_name, engine.pool.device, len(names),
+                f": {', '.join(names)}" if names else "")
     uvicorn.run(app, host=options.host, port=options.port, log_level="warning")
