@@ -447,3 +447,81 @@ def test_a_lora_run_is_scored_like_the_trainer_scored_it(tiny: dict[str, str], t
 def test_method_is_validated(changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         TrainConfig(**changes)
+
+
+# --- benchmarks/reproduce_sst2.py: the full-data design ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reproduce():
+    """The reproduction script as a module (benchmarks/ is not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "reproduce_sst2.py"
+    spec = importlib.util.spec_from_file_location("reproduce_sst2", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_all_training_rows_cover_every_sentence_in_whole_batches(reproduce) -> None:
+    rows = [f"{i % 2}\tsentence {i}" for i in range(67)]
+    every = reproduce.training_rows(rows, None, batch_size=32)
+    # 67 sentences fill 2 batches of 32 and 3 of the third; the first 29 of the shuffle fill it up
+    assert len(every) == 96 and set(every) == set(rows)
+    assert every[67:] == every[:29] and sorted(every[:67]) == sorted(rows)
+    assert reproduce.training_rows(rows, 20, batch_size=32) == every[:20]  # a subset is a prefix
+    assert reproduce.training_rows(rows, None, batch_size=67) == every[:67]  # nothing to fill
+    with pytest.raises(ValueError, match="more than the 67 training sentences"):
+        reproduce.training_rows(rows, 68, batch_size=32)
+
+
+def test_reproduction_options_are_checked(reproduce, capsys: pytest.CaptureFixture) -> None:
+    args = reproduce.parse_args(["--train-size", "all", "--pilot-size", "640", "--methods", "full,lora"])
+    assert args.train_size is None and args.pilot_size == 640 and args.methods == ("lora", "full")
+    assert reproduce.parse_args([]).train_size == 3200  # the published default stays
+    for bad, message in (
+        (["--train-size", "0"], "positive"),
+        (["--train-size", "most"], "'all'"),
+        (["--methods", "lora,dora"], "methods are lora, full"),
+        (["--methods", "lora", "--stage", "sweep"], "pilot and final stages only"),
+    ):
+        with pytest.raises(SystemExit):
+            reproduce.parse_args(bad)
+        assert message in capsys.readouterr().err
+
+
+def test_full_data_finals_train_on_every_sentence_at_the_pilots_learning_rates(
+    reproduce, tiny: dict[str, str], tmp_path: Path, train_calls: list
+) -> None:
+    """Two processes' worth (--methods lora, then full), then both: the report from the finished runs."""
+    common = [
+        *("--train-size", "all", "--pilot-size", "8", "--batch-size", "3", "--max-length", "16"),
+        *("--lora-lrs", "1e-3,3e-2", "--full-lrs", "1e-3", "--model", tiny["model"]),
+        *("--sst2", str(tmp_path), "--runs", str(tmp_path / "runs"), "--figures", str(tmp_path / "figures")),
+        *("--stage", "final"),
+    ]
+    assert reproduce.main([*common, "--methods", "lora"]) == 0
+    assert not (tmp_path / "figures" / "pilot_lr.json").exists()  # one method alone writes no choice
+    lora_calls = len(train_calls)
+    assert lora_calls == 3  # two pilot runs, one final
+    assert reproduce.main([*common, "--methods", "full"]) == 0
+    assert len(train_calls) == 5
+    assert reproduce.main(common) == 0
+    assert len(train_calls) == 5  # everything finished: nothing retrained
+
+    train_file = tmp_path / "runs" / "data" / "train-all.tsv"
+    pilot, final_lora, _, final_full = train_calls[0], train_calls[2], train_calls[3], train_calls[4]
+    # the pilot: 8 sentences = 2 steps of 3; the finals: all 28 sentences and 2 repeats = 10 steps of 3
+    assert pilot.data.endswith("train-8.tsv") and pilot.steps == 2 and pilot.dtype == "fp32"
+    for final in (final_lora, final_full):
+        assert Path(final.data) == train_file and final.steps == 10
+    trained, given = (path.read_text().splitlines()[1:] for path in (train_file, Path(tiny["data"])))
+    assert len(trained) == 30 and set(trained) == set(given)
+    choice = json.loads((tmp_path / "figures" / "pilot_lr.json").read_text())
+    assert {t["lr"] for t in choice["trials"] if t["method"] == "lora"} == {1e-3, 3e-2}
+    assert choice["pilot_sentences"] == 8 and choice["pilot_steps"] == 2
+    assert final_lora.lr == choice["chosen"]["lora"]["lr"] and final_full.lr == 1e-3
+    assert final_lora.method == "lora" and final_lora.r == 8 and final_full.method == "full"
+    rows = json.loads((tmp_path / "figures" / "sweep.json").read_text())["rows"]
+    assert [(row["name"], row["steps"]) for row in rows] == [("lora-qv-r8", 10), ("full", 10)]
