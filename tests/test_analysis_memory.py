@@ -139,9 +139,16 @@ def _saved_bytes_of_block(
         kept = lean_pack(tensor)
         if inside[0]:
             packed[0] += 1
-            for kept_tensor in kept.recipe.inputs if isinstance(kept, recipes._Packed) else (kept,):
-                record(kept_tensor)
+            record_leaves(kept)
         return kept
+
+    def record_leaves(kept: torch.Tensor | recipes._Packed) -> None:
+        """A tensor, or the tensors at the end of a recipe chain (an input that has a recipe itself)."""
+        if isinstance(kept, recipes._Packed):
+            for kept_input in kept.recipe.inputs:
+                record_leaves(kept_input)
+        else:
+            record(kept)
 
     hooks = [
         block.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True)),
@@ -176,7 +183,7 @@ def _small_llama(dtype: torch.dtype, **config: Any) -> torch.nn.Module:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", ["full", "lora", "lora_dropout"])
 @pytest.mark.parametrize("trainer", ["transformers", "lorakit"])
 def test_block_inventory_is_exact(dtype: torch.dtype, attention: str, method: str, trainer: str) -> None:
     """The per-block formula equals what autograd saves in a real LLaMA block, byte for byte: in a standard
@@ -184,9 +191,10 @@ def test_block_inventory_is_exact(dtype: torch.dtype, attention: str, method: st
     model = _small_llama(dtype, num_hidden_layers=2, vocab_size=97, attn_implementation=attention)
     config = model.config
     adapted: list[AdaptedLinear] = []
-    if method == "lora":
+    dropout = 0.1 if method == "lora_dropout" else 0.0
+    if method != "full":
         model.requires_grad_(False)
-        lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules="all-linear"))
+        lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules="all-linear", lora_dropout=dropout))
         adapted = [
             AdaptedLinear(name, module.base_layer.in_features, module.base_layer.out_features)
             for name, module in model.model.layers[1].named_modules()
@@ -206,6 +214,7 @@ def test_block_inventory_is_exact(dtype: torch.dtype, attention: str, method: st
             method == "full",
             adapted,
             r=4,
+            lora_dropout=dropout,
             attention=attention,  # type: ignore[arg-type]
             lean=trainer == "lorakit",
         ).values()

@@ -7,6 +7,8 @@ whole module per adapter. Parameter names are PEFT's, so state-dict keys map one
 For an input x of shape (..., in) and an active adapter with A (r, in), B (out, r) and scaling s:
 
     y = base(x) + s · B(A(dropout(x)))
+
+(dropout as `lorakit.input_dropout` draws it: zeros written into x, its 1/(1-p) folded into s).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 
 from lorakit.config import lora_scaling
 from lorakit.dora import DoraMagnitude, dora_delta, row_norm
+from lorakit.input_dropout import drop_inputs
 from lorakit.recipes import autocast_dtype, cast_for_autocast, mark_recomputable
 from lorakit.routing import route_of
 
@@ -406,12 +409,12 @@ class LoraLinear(AdapterLayer):
         lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
         scaling, dropout = self.scaling[name], self.lora_dropout[name]
         lowered = autocast_dtype(x.device.type) if lora_A.dtype != torch.float64 else None
-        if isinstance(dropout, nn.Identity):  # skipping the no-op module call saves ~3 µs per layer
-            # Under autocast, cast straight to the matmul dtype (what autocast would do after the cast to
-            # the adapter's dtype; the same bits), so lean activations can rebuild the copy.
-            x = x.to(lora_A.dtype) if lowered is None else cast_for_autocast(x, lowered)
-        else:
-            x = dropout(x.to(lora_A.dtype))
+        # Under autocast, cast straight to the matmul dtype (what autocast would do after the cast to the
+        # adapter's dtype; the same bits), so lean activations can rebuild the copy.
+        x = x.to(lora_A.dtype) if lowered is None else cast_for_autocast(x, lowered)
+        if dropout.training and isinstance(dropout, nn.Dropout):
+            x, rescale = drop_inputs(x, dropout.p)  # dropout's 1/(1-p) moves into the scaling
+            scaling = scaling * rescale
         hidden = F.linear(x, lora_A)  # (..., r)
         if result.dtype != lora_A.dtype or hidden.dtype != result.dtype:
             # A bf16/fp16/4-bit base next to fp32 adapters, or autocast having lowered `hidden` while the

@@ -52,7 +52,9 @@ down_proj saves its input. Plain (GELU): the first projection's output, saved by
 
 Adapters (lorakit and PEFT keep A and B in fp32): with a bf16/fp16 base each adapted module casts its
 input to fp32 and A saves that copy (4·in per module, not shared, and not rebuilt by lean activations);
-with dropout A saves the dropped copy (4·in) and dropout its mask. Every adapted module also saves A's
+with dropout A saves the dropped copy (4·in) and the dropout its 1-byte mask; under lean activations the
+copy is rebuilt from the mask and the input (``lorakit.input_dropout``), so dropout adds only the mask
+to what the module keeps without dropout. Every adapted module also saves A's
 output (4·r). (DoRA is not modelled; lean activations would also drop its unscaled B·A·x.)
 
 The head, ``transformers``: the final norm, and the logits: b·s·V in the compute dtype (kept by the
@@ -170,9 +172,12 @@ def block_activation_bytes(
     adapter_bytes = 0
     for linear in adapted if not full else ():
         adapter_bytes += 4 * r  # A's output, saved by B
-        if lora_dropout > 0:
-            adapter_bytes += (4 + mask_bytes) * linear.in_features
-        elif p != 4:
+        if lora_dropout > 0 and not lean:
+            adapter_bytes += (4 + mask_bytes) * linear.in_features  # the dropped copy A saves, the mask
+            continue
+        if lora_dropout > 0:  # lean: the dropped copy is rebuilt from the mask and the input (below)
+            adapter_bytes += mask_bytes * linear.in_features
+        if p != 4:
             adapter_bytes += 4 * linear.in_features  # the fp32 cast copy of the input, one per module
         elif linear.role is not None:
             shared.add(linear.role)
