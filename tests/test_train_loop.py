@@ -322,3 +322,26 @@ def test_grad_checkpointing_in_a_training_run(tmp_path: Path) -> None:
     plain = _fit(adapted_llama(dropout=0.1), tmp_path / "a", steps=2).losses
     checkpointed = _fit(adapted_llama(dropout=0.1), tmp_path / "b", steps=2, grad_checkpointing=True).losses
     assert checkpointed == pytest.approx(plain, rel=1e-5)
+
+
+def test_eval_loss_in_length_order_equals_the_per_example_mean() -> None:
+    """Evaluation batches the longest examples first (less padding); the mean loss over label tokens is
+    the same as one example at a time, in the data's order."""
+    import contextlib
+
+    from lorakit.train.distributed import Distributed
+    from lorakit.train.evaluate import evaluate_loss
+    from lorakit.train.loss import LossModule, count_label_tokens
+
+    model = adapted_llama().eval()
+    examples = counting_examples(7, seed=5)
+    assert len({len(e["input_ids"]) for e in examples}) > 2  # lengths differ: the order matters
+    module = LossModule(model, "causal")
+    metrics = evaluate_loss(module, examples, COLLATE, 3, Distributed(), contextlib.nullcontext)
+    total, targets = 0.0, 0
+    with torch.no_grad():
+        for example in examples:
+            batch = COLLATE([example])
+            total += float(module(batch)[0])
+            targets += count_label_tokens(batch, "causal")
+    assert metrics["eval_loss"] == pytest.approx(total / targets, rel=1e-5)

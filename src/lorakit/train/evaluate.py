@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lorakit.train.distributed import Distributed
+from lorakit.train.length_split import example_lengths
 from lorakit.train.loss import LossModule, count_label_tokens
 from lorakit.train.sampler import shard_indices
 
@@ -47,12 +48,16 @@ def evaluate_loss(
 ) -> dict[str, float]:
     """``eval_loss`` (mean over all label tokens of the set) and, for classification, ``eval_accuracy``.
 
-    Each process evaluates its shard (every ``world_size``-th example); the sums are added over processes,
+    Each process evaluates its shard (every ``world_size``-th example), longest examples first so that a
+    batch holds similar lengths (less padding); the sums are added over processes,
     so the result is the same on every process and for any number of processes.
     """
     task = loss_module.task
     totals = torch.zeros(3, dtype=torch.float64)  # loss sum, targets, correct
     indices = shard_indices(len(dataset), context.world_size, context.rank)
+    lengths = example_lengths(dataset)
+    if lengths is not None:  # batches of similar lengths pad less; the sums do not depend on the order
+        indices = sorted(indices, key=lambda i: lengths[i], reverse=True)
     starts: list[int | None] = list(range(0, len(indices), batch_size))
     # Under FSDP every forward is a collective: each process runs as many batches as the busiest one,
     # the extra ones on example 0, not counted.

@@ -16,8 +16,20 @@ Examples of equal lengths stay together; a batch of very different lengths split
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 DEFAULT_OVERHEAD_TOKENS = 128
+
+
+def example_lengths(examples: Sequence[Any]) -> list[int] | None:
+    """Token count of every example, or None when the examples are not token lists (nothing to split)."""
+    lengths = []
+    for example in examples:
+        ids = example.get("input_ids") if isinstance(example, dict) else None
+        if ids is None:
+            return None
+        lengths.append(len(ids))
+    return lengths
 
 
 def split_by_length(

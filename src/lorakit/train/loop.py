@@ -34,7 +34,7 @@ from lorakit.train.distributed import Distributed, check_all_have_grads, wrap_dd
 from lorakit.train.early_stopping import EarlyStopping
 from lorakit.train.evaluate import Collate, Scorer, evaluate_loss, to_device
 from lorakit.train.lean_activations import LeanActivations
-from lorakit.train.length_split import split_by_length
+from lorakit.train.length_split import example_lengths, split_by_length
 from lorakit.train.loss import LossModule, count_label_tokens
 from lorakit.train.metrics import PLOT_FILE, MetricsLog, plot_loss, read_metrics
 from lorakit.train.optim import build_optimizer, build_scheduler, trainable_named_parameters
@@ -142,7 +142,7 @@ class Trainer:
         # padding and a lower peak: lorakit.train.length_split). Several processes keep the plan's split:
         # DDP and FSDP need as many forward passes on every process.
         split = config.split_by_length and not context.enabled
-        self.example_lengths = _example_lengths(train_data) if split else None
+        self.example_lengths = example_lengths(train_data) if split else None
         self.total_steps = config.steps or max(1, math.ceil(config.epochs * self.plan.steps_per_epoch))
         self.optimizer = build_optimizer(model, config)
         self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
@@ -403,17 +403,6 @@ def _check_4bit_compute_dtype(model: nn.Module) -> None:
                 "model with dtype='bfloat16' (lorakit.models.load_causal_lm(..., quantize='nf4', "
                 "dtype='bfloat16'))"
             )
-
-
-def _example_lengths(train_data: Sequence[Any]) -> list[int] | None:
-    """Token count of every example, or None when the examples are not token lists (nothing to split)."""
-    lengths = []
-    for example in train_data:
-        ids = example.get("input_ids") if isinstance(example, dict) else None
-        if ids is None:
-            return None
-        lengths.append(len(ids))
-    return lengths
 
 
 def _token_count(batch: dict[str, torch.Tensor]) -> int:
