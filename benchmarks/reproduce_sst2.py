@@ -40,6 +40,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -290,6 +291,7 @@ def stage_final(args: argparse.Namespace, train_file: Path, pilot_file: Path, pi
     result = run_sweep(base, settings, main, full_overrides=overrides, callback=Printer())
     if args.methods == METHODS:
         paths = write_sweep_report(result, args.figures)
+        _portable_report(paths)
         log(f"final: {len(result.ran)} trained, {len(result.skipped)} reused -> {paths['markdown']}")
 
 
@@ -311,6 +313,7 @@ def stage_sweep(args: argparse.Namespace, train_file: Path, pilot: dict) -> None
     link_pilot_winners(pilot, main)
     result = run_sweep(base, settings, main, full_overrides={"lr": full_lr}, callback=Printer())
     paths = write_sweep_report(result, args.figures)
+    _portable_report(paths)
     log(f"sweep: {len(result.ran)} trained, {len(result.skipped)} reused -> {paths['markdown']}")
 
 
@@ -421,8 +424,26 @@ def plot_energy(summary: dict, baselines: dict, path: Path) -> None:
 
 
 def _write_json(path: Path, value: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+    from lorakit.atomic import write_file
+
+    write_file(path, json.dumps(portable_paths(value), indent=2) + "\n")
+
+
+def portable_paths(value: Any, root: Path = ROOT) -> Any:
+    """``value`` with every absolute path beside the checkout made relative to ``root`` (the repository):
+    the committed figures name ``runs/…`` and ``../shared/data/…``, never this machine's folders."""
+    if isinstance(value, dict):
+        return {key: portable_paths(item, root) for key, item in value.items()}
+    if isinstance(value, list):
+        return [portable_paths(item, root) for item in value]
+    if isinstance(value, str) and value.startswith(f"{root.parent}{os.sep}"):
+        return os.path.relpath(value, root)
+    return value
+
+
+def _portable_report(paths: dict[str, Path]) -> None:
+    """Rewrite the sweep report's JSON with portable paths (the sweep records resolved ones)."""
+    _write_json(paths["json"], json.loads(paths["json"].read_text(encoding="utf-8")))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -525,3 +525,22 @@ def test_full_data_finals_train_on_every_sentence_at_the_pilots_learning_rates(
     assert final_lora.method == "lora" and final_lora.r == 8 and final_full.method == "full"
     rows = json.loads((tmp_path / "figures" / "sweep.json").read_text())["rows"]
     assert [(row["name"], row["steps"]) for row in rows] == [("lora-qv-r8", 10), ("full", 10)]
+
+
+def test_reproduction_figures_name_no_machine_folders(reproduce, tmp_path: Path) -> None:
+    root = tmp_path / "checkout"
+    value = {
+        "data": str(tmp_path / "shared" / "data" / "dev.tsv"),
+        "rows": [{"output": str(root / "runs" / "main" / "full"), "steps": 3}],
+        "elsewhere": "/opt/data/x.tsv",
+        "relative": "runs/x",
+    }
+    assert reproduce.portable_paths(value, root) == {
+        "data": "../shared/data/dev.tsv",
+        "rows": [{"output": "runs/main/full", "steps": 3}],
+        "elsewhere": "/opt/data/x.tsv",
+        "relative": "runs/x",
+    }
+    # what the script writes goes through it, with the checkout as the root
+    reproduce._write_json(tmp_path / "x.json", {"folder": str(reproduce.ROOT / "runs" / "sst2" / "pilot")})
+    assert json.loads((tmp_path / "x.json").read_text()) == {"folder": "runs/sst2/pilot"}
