@@ -10,7 +10,7 @@ from train_support import COLLATE, counting_examples
 
 import lorakit
 from lorakit.analysis.measure import LiveTensorTracker
-from lorakit.input_dropout import LANES_PER_WORD, drop_mask, rounded_probability
+from lorakit.input_dropout import LANES_PER_WORD, keep_mask, rounded_probability
 from lorakit.layers import LoraLinear
 from lorakit.models.tiny import tiny_llama
 from lorakit.train.lean_activations import LeanActivations
@@ -22,7 +22,7 @@ def test_every_lane_drops_at_the_rounded_rate(p: float) -> None:
     assert abs(rounded_probability(p) - p) <= 2**-17
     torch.manual_seed(0)
     words = 1 << 18
-    mask = drop_mask(torch.Size([words * LANES_PER_WORD]), p, torch.device("cpu"))
+    mask = keep_mask(torch.Size([words * LANES_PER_WORD]), p, torch.device("cpu")) == 0  # dropped
     lanes = mask.view(words, LANES_PER_WORD).double().mean(dim=0)  # each 16-bit lane of a 64-bit word
     sigma = (p * (1 - p) / words) ** 0.5
     assert (lanes - rounded_probability(p)).abs().max() <= 5 * sigma, lanes
@@ -55,7 +55,7 @@ def test_output_and_gradients_match_numpy_for_the_drawn_mask() -> None:
     (y * weights).sum().backward()
 
     torch.manual_seed(42)  # the same draw: the base layer draws nothing before the adapter's mask
-    kept = (~drop_mask(x.shape, 0.3, x.device)).numpy()
+    kept = keep_mask(x.shape, 0.3, x.device).numpy().astype(bool)
     a, b = layer.lora_A["a"].weight.detach().numpy(), layer.lora_B["a"].weight.detach().numpy()
     w, bias = base.weight.detach().numpy(), base.bias.detach().numpy()
     scale = 2.0 / (1 - rounded_probability(0.3))  # alpha / r, and dropout's rescaling

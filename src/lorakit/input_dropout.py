@@ -10,7 +10,7 @@ block with all-linear targets. Here:
   16-bit range, so the probability is ``p`` rounded to a multiple of 2^-16 (|error| <= 7.7e-6), and the
   kept elements are scaled by exactly ``1 / (1 - rounded p)``, which keeps the expectation exact;
 * the scale is not applied to the input but folded into the adapter's scaling (one scalar), so the
-  dropped-out input is the input with zeros written in, bit for bit;
+  dropped-out input is the input times a 0/1 byte mask: the input where kept, zero where dropped;
 * that tensor is marked recomputable from the input and a 1-byte mask, so under lean activations
   backward keeps the mask instead of a copy (the input is kept or rebuilt anyway).
 
@@ -41,14 +41,16 @@ def rounded_probability(p: float) -> float:
     return (lane_threshold(p) + LANE_STATES // 2) / LANE_STATES
 
 
-def drop_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """Bool tensor of ``shape``, True where an element is dropped (probability `rounded_probability`)."""
+def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """uint8 tensor of ``shape``: 1 where an element is kept, 0 where it is dropped (probability
+    `rounded_probability`). uint8, not bool: ``x * mask`` is several times faster than ``masked_fill`` on
+    a CPU, in forward, in the rebuild and in backward, and it is the same byte per element."""
     count = 1
     for size in shape:
         count *= size
     words = torch.empty((count + LANES_PER_WORD - 1) // LANES_PER_WORD, dtype=torch.int64, device=device)
     words.random_(torch.iinfo(torch.int64).min, None)  # every bit uniform (the full 64-bit range)
-    return words.view(torch.int16)[:count].view(shape) < lane_threshold(p)
+    return words.view(torch.int16)[:count].view(shape).ge(lane_threshold(p)).view(torch.uint8)
 
 
 def drop_inputs(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
@@ -57,11 +59,7 @@ def drop_inputs(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     The caller multiplies the adapter's output by the returned factor (dropout's rescaling, moved out of
     the input). ``p`` in (0, 1).
     """
-    dropped = drop_mask(x.shape, p, x.device)
-    out = x.masked_fill(dropped, 0)
-    mark_recomputable(out, _zero_where, x, dropped)
+    keep = keep_mask(x.shape, p, x.device)
+    out = x * keep  # uint8 promotes to x's dtype: x where kept, zero where dropped
+    mark_recomputable(out, torch.mul, x, keep)
     return out, 1.0 / (1.0 - rounded_probability(p))
-
-
-def _zero_where(x: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
-    return x.masked_fill(dropped, 0)
