@@ -15,8 +15,8 @@ from torch import nn
 
 import lorakit
 from lorakit import io
+from lorakit.adapter_layer import AdapterLayer
 from lorakit.combine import combine_adapters
-from lorakit.layers import AdapterLayer
 
 IDS = token_ids()
 # Adapter names avoid substrings of "lora_" ("a", "r", ...), which peft warns about.

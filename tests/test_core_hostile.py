@@ -14,7 +14,9 @@ from torch import nn
 
 import lorakit
 from lorakit import LoraConfig, adapter_files, atomic
-from lorakit.layers import LoraLinear, ModulesToSave, dequantize_weight
+from lorakit.base_weights import dequantize_weight
+from lorakit.layers import LoraLinear
+from lorakit.modules_to_save import ModulesToSave
 from lorakit.train.lean_activations import LeanActivations
 
 

@@ -21,7 +21,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 import lorakit
 from lorakit import adapter_files, atomic, io
-from lorakit.layers import AdapterLayer
+from lorakit.adapter_layer import AdapterLayer
 
 IDS = token_ids()
 

@@ -8,7 +8,9 @@ from conftest import tiny_bert, tiny_gpt2, tiny_llama, token_ids
 from torch import nn
 
 import lorakit
-from lorakit.layers import AdapterLayer, LoraLinear, ModulesToSave
+from lorakit.adapter_layer import AdapterLayer
+from lorakit.layers import LoraLinear
+from lorakit.modules_to_save import ModulesToSave
 
 QV = ["q_proj", "v_proj"]
 

@@ -28,10 +28,10 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from lorakit.adapter_layer import AdapterLayer
 from lorakit.adapter_tensors import accepted_entries, adapter_entries
 from lorakit.atomic import write_folder
 from lorakit.config import LoraConfig
-from lorakit.layers import AdapterLayer
 from lorakit.load_check import check_fits_shadow, copy_into, raise_on_mismatch
 from lorakit.matching import ALL_LINEAR, entries_matched, find_targets, modules_to_save_entries
 from lorakit.model import (

@@ -14,8 +14,10 @@ from typing import Literal
 import torch
 from torch import nn
 
+from lorakit.adapter_layer import ADAPTER_PARAMETER_PREFIXES, AdapterLayer
 from lorakit.config import LoraConfig
-from lorakit.layers import ADAPTER_PARAMETER_PREFIXES, AdapterLayer, LoraEmbedding, LoraLinear, ModulesToSave
+from lorakit.layers import LoraEmbedding, LoraLinear
+from lorakit.modules_to_save import ModulesToSave
 from lorakit.peft_format import PEFT_PREFIX, file_key, strip_prefix
 from lorakit.registry import adapter_layers
 

@@ -30,9 +30,11 @@ from typing import Literal
 import torch
 from torch import nn
 
+from lorakit.adapter_layer import AdapterLayer
 from lorakit.config import LoraConfig
-from lorakit.layers import AdapterLayer, LoraEmbedding, LoraLinear, ModulesToSave
+from lorakit.layers import LoraEmbedding, LoraLinear
 from lorakit.model import adapter_configs, adapter_layers, add_adapter, check_new_adapter_name
+from lorakit.modules_to_save import ModulesToSave
 
 CombineMethod = Literal["linear", "cat", "svd", "ties", "dare_linear", "dare_ties"]
 METHODS: tuple[str, ...] = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")

@@ -1,8 +1,9 @@
 """LoRA layers: a frozen base module plus any number of named adapters.
 
 ``LoraLinear`` wraps ``nn.Linear``, transformers' ``Conv1D`` (weight stored (in, out)) or bitsandbytes'
-``Linear4bit``; ``LoraEmbedding`` wraps ``nn.Embedding``; ``ModulesToSave`` keeps a trainable copy of a
-whole module per adapter. Parameter names are PEFT's, so state-dict keys map one to one.
+``Linear4bit``; ``LoraEmbedding`` wraps ``nn.Embedding``. Their shared bookkeeping is
+`lorakit.adapter_layer.AdapterLayer`; a module trained whole is `lorakit.modules_to_save.ModulesToSave`.
+Parameter names are PEFT's, so state-dict keys map one to one.
 
 For an input x of shape (..., in) and an active adapter with A (r, in), B (out, r) and scaling s:
 
@@ -13,281 +14,19 @@ For an input x of shape (..., in) and an active adapter with A (r, in), B (out, 
 
 from __future__ import annotations
 
-import copy
 import math
-import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.config import lora_scaling
+from lorakit.adapter_layer import AdapterLayer
+from lorakit.base_weights import adapter_dtype, dequantize_weight, is_4bit
 from lorakit.dora import DoraMagnitude, dora_delta, row_norm
 from lorakit.input_dropout import drop_inputs
 from lorakit.recipes import autocast_dtype, cast_for_autocast, mark_recomputable
 from lorakit.routing import route_of
-
-ADAPTER_PARAMETER_PREFIXES = (
-    "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
-)
-
-
-def is_4bit(module: nn.Module) -> bool:
-    return type(module).__name__ == "Linear4bit"
-
-
-def dequantize_weight(module: nn.Module) -> torch.Tensor:
-    """The fp32 (out, in) weight of a bitsandbytes ``Linear4bit``, the module left exactly as it is.
-
-    bitsandbytes repacks an NF4 weight for its bf16 CPU kernel on the first eval-mode forward, and
-    ``dequantize_4bit`` reads only the canonical layout. The inverse conversion (private in bitsandbytes,
-    which calls it itself before saving) is run on a copy of the quantisation state, never written back:
-    writing it back would make bitsandbytes repack the weight again on the next forward.
-    """
-    import bitsandbytes.functional as bnbf
-
-    weight = module.weight
-    data, state = weight.data, weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):
-        state = copy.copy(state)
-        # Packing keeps the block scales unquantised (in bf16, as its kernel reads them); quantising them
-        # again on the way back would move the weight further from what the forward computes with.
-        state.original_nested = False
-        data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, state)
-    return bnbf.dequantize_4bit(data, state).to(torch.float32)
-
-
-def check_supported(name: str, module: nn.Module, use_dora: bool, init: bool | str, r: int = 1) -> None:
-    """Raise ValueError when lorakit cannot give ``module`` (or the base inside a wrapper) such an adapter.
-
-    Run on every target before anything is created, because PiSSA/OLoRA rewrite base weights at creation.
-    """
-    base = module.base_layer if isinstance(module, AdapterLayer) else module
-    if isinstance(base, nn.Embedding):
-        if use_dora:
-            raise ValueError(f"module {name!r} is an nn.Embedding: DoRA is supported on linear layers only; "
-                             "exclude it or set use_dora=False")
-        if init in ("pissa", "olora"):
-            raise ValueError(f"module {name!r} is an nn.Embedding: init_lora_weights={init!r} is supported "
-                             "on linear layers only")
-    elif is_4bit(base) and init in ("pissa", "olora"):
-        raise ValueError(f"module {name!r} is 4-bit: init_lora_weights={init!r} rewrites the base weight and "
-                         "needs a full-precision base")
-    elif init in ("pissa", "olora"):
-        # The factors come from r singular / QR directions of W, which has at most min(in, out) of them.
-        weight = base.weight
-        limit = min(weight.shape[0], weight.shape[1])
-        if r > limit:
-            raise ValueError(f"module {name!r} has a {tuple(weight.shape)} weight: "
-                             f"init_lora_weights={init!r} needs r <= {limit}, got r={r}")
-
-
-def _adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
-    # Adapters train in fp32 next to a bf16/fp16/4-bit base (as PEFT's autocast_adapter_dtype); fp64 bases
-    # keep fp64 so the tests can compare against the float64 NumPy oracle.
-    return base_weight.dtype if base_weight.dtype in (torch.float32, torch.float64) else torch.float32
-
-
-class WrapsBase(nn.Module):
-    """A module around ``base_layer`` whose unknown attributes are the base's: code written for the base
-    module (``layer.weight``, ``layer.in_features``, ``lm_head.out_features``) keeps working."""
-
-    base_layer: nn.Module
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
-
-
-class AdapterLayer(WrapsBase):
-    """Bookkeeping shared by the LoRA layers: adapter names, which are active, which are merged.
-
-    Subclasses provide ``_new_adapter``, ``delta_weight``, ``_dense_weight`` and ``_write_weight``.
-    """
-
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
-        self.active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
-        # What unmerge needs beyond the adapter itself, per merged adapter (DoRA: the norm at merge time).
-        self.merge_memos: dict[str, torch.Tensor] = {}
-        self.disabled = False
-
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(self.r)
-
-    def add_adapter(
-        self,
-        adapter_name: str,
-        r: int,
-        lora_alpha: float,
-        lora_dropout: float = 0.0,
-        init_lora_weights: bool | str = True,
-        use_rslora: bool = False,
-        use_dora: bool = False,
-    ) -> None:
-        """Create adapter ``adapter_name`` (inactive), its weights initialised per ``init_lora_weights``."""
-        if adapter_name in self.r:
-            raise ValueError(f"adapter {adapter_name!r} already exists in this layer")
-        check_supported(type(self.base_layer).__name__, self, use_dora, init_lora_weights, r)
-        self.r[adapter_name] = r
-        self.lora_alpha[adapter_name] = lora_alpha
-        self.scaling[adapter_name] = lora_scaling(lora_alpha, r, use_rslora)
-        try:
-            self._new_adapter(adapter_name, r, lora_dropout, init_lora_weights, use_dora)
-        except Exception:
-            self.delete_adapter(adapter_name)
-            raise
-        self._match_mode(adapter_name)
-
-    def _match_mode(self, adapter_name: str) -> None:
-        """The new adapter's modules (dropout above all) take this layer's train / eval mode."""
-        for prefix in (*ADAPTER_PARAMETER_PREFIXES, "lora_dropout"):
-            container = self._modules.get(prefix)
-            if container is not None and adapter_name in container:
-                container.train(self.training)
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        if adapter_name in self.merged_adapters:
-            raise RuntimeError(f"adapter {adapter_name!r} is merged; unmerge before deleting it")
-        for prefix in (*ADAPTER_PARAMETER_PREFIXES, "lora_dropout"):
-            container = self._modules.get(prefix)
-            if container is not None and adapter_name in container:
-                del container[adapter_name]
-        for table in (self.r, self.lora_alpha, self.scaling):
-            table.pop(adapter_name, None)
-        if adapter_name in self.active_adapters:
-            self.active_adapters.remove(adapter_name)
-
-    def set_active(self, adapter_names: list[str]) -> None:
-        """The model-wide active list; adapters this layer lacks are skipped at forward time."""
-        self.active_adapters = list(adapter_names)
-
-    def _unmerged_active(self) -> list[str]:
-        return [n for n in self.active_adapters if n in self.r and n not in self.merged_adapters]
-
-    # --- merging -----------------------------------------------------------------------------------------
-
-    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Add the adapters' updates into the base weight (default: the active adapters), all or nothing.
-
-        Raises:
-            RuntimeError: an adapter is already merged, the base is 4-bit, or ``safe_merge`` found a
-                non-finite merged weight. The layer is then unchanged.
-        """
-        names = self.check_merge(adapter_names)
-        weight, memos = self._merge_result(names)
-        if safe_merge and not torch.isfinite(weight).all():
-            raise RuntimeError(f"merging adapters {names} gives non-finite weights; the layer is unchanged")
-        self._write_weight(weight)
-        self.merged_adapters.extend(names)
-        self.merge_memos.update(memos)
-
-    def check_merge(self, adapter_names: list[str] | None) -> list[str]:
-        """The adapters `merge` would fold in, checked; raises before anything is written."""
-        if adapter_names is None:
-            adapter_names = [n for n in self.active_adapters if n in self.r]
-        names = list(adapter_names)
-        for name in names:
-            if name not in self.r:
-                raise ValueError(f"no adapter named {name!r} in this layer; it has {self.adapter_names}")
-            if name in self.merged_adapters or names.count(name) > 1:
-                raise RuntimeError(f"adapter {name!r} is already merged into this layer; merging it twice "
-                                   "would add its update twice")
-        if names and is_4bit(self.base_layer):
-            raise RuntimeError("cannot merge into a 4-bit base in place: use merge_and_unload(), which "
-                               "dequantises the base and returns a full-precision model")
-        return names
-
-    def merged_weight(self, names: list[str]) -> torch.Tensor:
-        """The base weight (out, in) with ``names`` merged in, nothing written (``check_merge`` first)."""
-        return self._merge_result(names)[0]
-
-    def _merge_result(self, names: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The base weight with ``names`` merged in order (nothing written), and what unmerge will need."""
-        weight, memos = self._dense_weight(), {}
-        for name in names:
-            weight, memo = self._merged_weight(name, weight)
-            if memo is not None:
-                memos[name] = memo
-        return weight, memos
-
-    def unmerge(self) -> None:
-        """Subtract every merged adapter again, last merged first."""
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            memo = self.merge_memos.pop(name, None)
-            self._write_weight(self._unmerged_weight(name, self._dense_weight(), memo))
-
-    def _merged_weight(self, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(weight + ΔW, None); DoRA overrides it and returns the norm its unmerge needs instead of None."""
-        return weight + self.delta_weight(name).to(weight.dtype), None
-
-    def _unmerged_weight(self, name: str, weight: torch.Tensor, memo: torch.Tensor | None) -> torch.Tensor:
-        return weight - self.delta_weight(name).to(weight.dtype)
-
-    def suspend_merge(self) -> Callable[[], None]:
-        """Unmerge for a while; the returned function puts the merged weights back bit for bit.
-
-        Re-merging would round a bf16 / fp16 base a second time on every use (`disable_adapters`); the
-        merged weight is copied aside instead, at the cost of one copy of this layer's weight.
-        """
-        if not self.merged_adapters:
-            return lambda: None
-        weight = self.base_layer.weight
-        saved = weight.data.clone()
-        merged, memos = list(self.merged_adapters), dict(self.merge_memos)
-        self.unmerge()
-
-        def restore() -> None:
-            weight.data.copy_(saved)
-            self.merged_adapters[:] = merged
-            self.merge_memos.update(memos)
-
-        return restore
-
-    def merged_module(self) -> nn.Module:
-        """The base module with the active, not yet merged adapters folded in (for merge_and_unload)."""
-        if is_4bit(self.base_layer):
-            return self._dequantised_linear()
-        self.merge(self._unmerged_active())
-        return self.base_layer
-
-    def _dequantised_linear(self) -> nn.Linear:
-        weight, _ = self._merge_result(self._unmerged_active())
-        base = self.base_layer
-        linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
-                           device=weight.device, dtype=weight.dtype)
-        linear.weight.data.copy_(weight)
-        if base.bias is not None:
-            linear.bias.data.copy_(base.bias.data.to(weight.dtype))
-        linear.requires_grad_(False)
-        return linear
-
-    # --- to be provided by subclasses --------------------------------------------------------------------
-
-    def _new_adapter(self, name: str, r: int, dropout: float, init: bool | str, use_dora: bool) -> None:
-        raise NotImplementedError
-
-    def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _dense_weight(self) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _write_weight(self, weight: torch.Tensor) -> None:
-        raise NotImplementedError
 
 
 class LoraLinear(AdapterLayer):
@@ -308,7 +47,7 @@ class LoraLinear(AdapterLayer):
 
     def _new_adapter(self, name: str, r: int, dropout: float, init: bool | str, use_dora: bool) -> None:
         weight = self.base_layer.weight
-        kwargs = {"device": weight.device, "dtype": _adapter_dtype(weight)}
+        kwargs = {"device": weight.device, "dtype": adapter_dtype(weight)}
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **kwargs)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **kwargs)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -336,7 +75,7 @@ class LoraLinear(AdapterLayer):
 
     def _init_from_base(self, name: str, init: str) -> None:
         """PiSSA (top singular triplets) or OLoRA (QR): the base keeps the residual; same output."""
-        weight = self._dense_weight().to(_adapter_dtype(self.base_layer.weight))
+        weight = self._dense_weight().to(adapter_dtype(self.base_layer.weight))
         r, s = self.r[name], self.scaling[name]
         if init == "pissa":
             u, sigma, vh = torch.linalg.svd(weight, full_matrices=False)
@@ -471,7 +210,7 @@ class LoraEmbedding(AdapterLayer):
 
     def _new_adapter(self, name: str, r: int, dropout: float, init: bool | str, use_dora: bool) -> None:
         weight = self.base_layer.weight
-        kwargs = {"device": weight.device, "dtype": _adapter_dtype(weight)}
+        kwargs = {"device": weight.device, "dtype": adapter_dtype(weight)}
         lora_A = torch.empty(r, self.base_layer.num_embeddings, **kwargs)
         lora_B = torch.empty(self.base_layer.embedding_dim, r, **kwargs)
         if init is False:
@@ -517,63 +256,6 @@ class LoraEmbedding(AdapterLayer):
             result = result + (self.scaling[name] * (hidden @ lora_B.T)).to(result.dtype)
         return result
 
-
-class ModulesToSave(nn.Module):
-    """A module trained whole: the frozen ``original_module`` and a trainable copy per adapter."""
-
-    def __init__(self, original_module: nn.Module) -> None:
-        super().__init__()
-        self.original_module = original_module
-        self.modules_to_save = nn.ModuleDict()
-        self.active_adapters: list[str] = []
-        self.disabled = False
-        self.train(original_module.training)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "original_module":
-                raise
-            return getattr(self.original_module, name)
-
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(self.modules_to_save)
-
-    def add_adapter(self, adapter_name: str) -> None:
-        copied = copy.deepcopy(self.original_module)
-        self.modules_to_save[adapter_name] = copied.train(self.training)
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        if adapter_name in self.modules_to_save:
-            del self.modules_to_save[adapter_name]
-        if adapter_name in self.active_adapters:
-            self.active_adapters.remove(adapter_name)
-
-    def set_active(self, adapter_names: list[str]) -> None:
-        self.active_adapters = list(adapter_names)
-
-    def active_module(self) -> nn.Module:
-        """The copy of the active adapter that has one, else the original.
-
-        Copies of whole modules cannot be summed like LoRA updates: with several active adapters that have
-        a copy, the first is used and a warning says so (PEFT refuses this case outright).
-        """
-        if self.disabled:
-            return self.original_module
-        with_copy = [name for name in self.active_adapters if name in self.modules_to_save]
-        if len(with_copy) > 1:
-            warnings.warn(f"adapters {with_copy} are active together and each has its own copy of this "
-                          f"module ({type(self.original_module).__name__}); copies cannot be combined, "
-                          f"so only {with_copy[0]!r}'s is used", stacklevel=3)
-        return self.modules_to_save[with_copy[0]] if with_copy else self.original_module
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        route = route_of(self)
-        if route is not None:
-            return route.forward(self, *args, **kwargs)
-        return self.active_module()(*args, **kwargs)
 
 
 def wrap(module: nn.Module) -> AdapterLayer:

@@ -81,7 +81,8 @@ def output_head_names(model: nn.Module, task_type: str | None = None) -> set[str
 
 def _lorakit_internal_names(model: nn.Module) -> set[str]:
     """Names of submodules inside lorakit wrappers (lora_A, base_layer, ...): never targets themselves."""
-    from lorakit.layers import AdapterLayer, ModulesToSave
+    from lorakit.adapter_layer import AdapterLayer
+    from lorakit.modules_to_save import ModulesToSave
 
     inside: set[str] = set()
     for prefix, module in model.named_modules():
@@ -121,7 +122,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             a selection that is empty, or a selected module of a type lorakit cannot adapt. The message names
             the closest existing module names.
     """
-    from lorakit.layers import AdapterLayer
+    from lorakit.adapter_layer import AdapterLayer
 
     internal = _lorakit_internal_names(model)
     names = [name for name, _ in model.named_modules() if name and name not in internal]

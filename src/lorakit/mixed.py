@@ -29,8 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.adapter_layer import AdapterLayer
 from lorakit.dora import row_norm
-from lorakit.layers import AdapterLayer, LoraEmbedding, LoraLinear, ModulesToSave
+from lorakit.layers import LoraEmbedding, LoraLinear
+from lorakit.modules_to_save import ModulesToSave
 from lorakit.registry import adapter_configs, adapter_layers
 from lorakit.routing import clear_route, routed, set_route
 

@@ -13,9 +13,11 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from lorakit.adapter_layer import AdapterLayer, check_supported
 from lorakit.config import LoraConfig
-from lorakit.layers import AdapterLayer, ModulesToSave, check_supported, wrap
+from lorakit.layers import wrap
 from lorakit.matching import find_modules_to_save, find_targets, pattern_value
+from lorakit.modules_to_save import ModulesToSave
 from lorakit.registry import adapter_configs, adapter_layers, forget_adapters
 from lorakit.routing import routed
 

@@ -10,8 +10,9 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from lorakit.adapter_layer import AdapterLayer
 from lorakit.config import LoraConfig
-from lorakit.layers import AdapterLayer, ModulesToSave
+from lorakit.modules_to_save import ModulesToSave
 
 CONFIGS_ATTRIBUTE = "lorakit_configs"
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.layers import WrapsBase
+from lorakit.adapter_layer import WrapsBase
 from lorakit.mixed import AdapterPool, SlotRoute, SlotWeights
 
 __all__ = ["AdapterPool", "SlotModule", "SlotRoute", "SlotWeights", "dense_weight", "module_shape"]

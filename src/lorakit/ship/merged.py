@@ -200,7 +200,7 @@ def _untie_if_adapted(model: nn.Module, adapter_config: dict) -> None:
 
 def _dequantize_remaining(model: nn.Module) -> None:
     """Replace the 4-bit layers the adapter did not touch by full-precision ``nn.Linear`` copies."""
-    from lorakit.layers import dequantize_weight, is_4bit
+    from lorakit.base_weights import dequantize_weight, is_4bit
 
     for name, module in list(model.named_modules()):
         if is_4bit(module):
