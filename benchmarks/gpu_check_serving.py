@@ -71,10 +71,11 @@ def check_serve(args: argparse.Namespace, device: Any, log: Callable[[str], None
         base_model, _ = load_causal_lm(args.model)
         base_model.to(device)
 
-        def base_greedy(prompt: list[int]) -> list[int]:
+        def greedy(model: Any, prompt: list[int]) -> list[int]:
+            """The tokens ``model.generate`` adds to ``prompt``, greedy, at most ``tokens``."""
             ids = torch.tensor([prompt], device=device)
             with torch.no_grad():
-                out = base_model.generate(
+                out = model.generate(
                     ids,
                     attention_mask=torch.ones_like(ids),
                     max_new_tokens=tokens,
@@ -89,23 +90,14 @@ def check_serve(args: argparse.Namespace, device: Any, log: Callable[[str], None
                 lorakit.load_adapter(reference, Path(folder) / name)
                 lorakit.merge(reference)
             reference.to(device)
-            ids = torch.tensor([prompt], device=device)
-            with torch.no_grad():
-                out = reference.generate(
-                    ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=tokens,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
+            expected = greedy(reference, prompt)
             # generate stops at eos, the engine (ignore_eos) goes on: compare the tokens generate made.
-            expected = out[0, len(prompt) :].tolist()
             # Greedy paths may part after a near-tie in the last bits; count the tokens before that.
             pairs = zip(event.token_ids, expected)
             same = next((i for i, (a, b) in enumerate(pairs) if a != b), len(expected))
             agreeing, total = agreeing + same, total + len(expected)
             if name is not None:  # the adapter must matter, or agreeing with the merged model proves little
-                changed += expected != base_greedy(prompt)
+                changed += expected != greedy(base_model, prompt)
         fraction = agreeing / total
     result = {
         "check": "serving engine, 16 requests over 4 adapters + base in one batch, greedy, fp32",
