@@ -129,6 +129,11 @@ def plot_metric_vs_rank(rows: Sequence[SweepRow], path: str | Path) -> Path:
     if ranks:
         axes.set_xticks(ranks, [str(r) for r in ranks])
     axes.set_xlabel("rank r")
+    return _finish(figure, axes, rows, path)
+
+
+def _finish(figure: Any, axes: Any, rows: Sequence[SweepRow], path: str | Path) -> Path:
+    """The metric's axis label, grid and legend, then the figure written to ``path``."""
     axes.set_ylabel(rows[0].metric_name if rows else "metric")
     axes.grid(alpha=0.3)
     if rows:
@@ -162,9 +167,4 @@ def plot_metric_vs_params(rows: Sequence[SweepRow], path: str | Path) -> Path:
                 )
     axes.set_xscale("log")
     axes.set_xlabel("trainable parameters")
-    axes.set_ylabel(rows[0].metric_name if rows else "metric")
-    axes.grid(alpha=0.3)
-    if rows:
-        axes.legend(fontsize=8)
-    figure.tight_layout()
-    return _save_figure(figure, path)
+    return _finish(figure, axes, rows, path)
