@@ -117,6 +117,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--full-lrs", default="5e-5,1e-4,2e-4,4e-4", help="full fine-tuning learning rates tried on dev"
     )
+    parser.add_argument(
+        "--lora-modules-to-save",
+        default=None,
+        help="modules the LoRA runs train in full besides the classifier head, comma-separated (e.g. "
+        "pooler: BERT's pooler dense layer, as RoBERTa's head in the paper); default none",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     parser.add_argument("--sst2", type=Path, default=SST2,
                         help="folder with SST-2's train.tsv, dev.tsv, test.tsv (default ../shared/data/sst2)")
@@ -152,6 +158,17 @@ def base_config(args: argparse.Namespace, train_file: Path):
         # fp32 as in the published runs; `dtype="auto"` would pick bf16 autocast on a CPU with AVX512-BF16.
         dtype="fp32",
     )
+
+
+def lora_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options only the LoRA runs take (``--lora-modules-to-save``); full fine-tuning trains all."""
+    names = [name.strip() for name in (args.lora_modules_to_save or "").split(",") if name.strip()]
+    return {"modules_to_save": names} if names else {}
+
+
+def full_overrides(lr: float) -> dict[str, Any]:
+    """Full fine-tuning's own options over the shared base: its learning rate, and no LoRA-only option."""
+    return {"lr": lr, "modules_to_save": None}
 
 
 def _count_rows(tsv: Path) -> int:
@@ -218,7 +235,10 @@ def stage_pilot(args: argparse.Namespace, pilot_file: Path) -> dict:
         for lr in grids[method]:
             folder = args.runs / "pilot" / f"{method}-lr{lr:g}"
             # the full run takes its lr from the overrides, LoRA from the base options
-            config, overrides = (base, {"lr": lr}) if method == "full" else (base.replace(lr=lr), None)
+            if method == "full":
+                config, overrides = base, full_overrides(lr)
+            else:
+                config, overrides = base.replace(lr=lr, **lora_options(args)), None
             row = run_sweep(config, [setting], folder, full_overrides=overrides, callback=Printer()).rows[0]
             trials.append({"method": method, "lr": lr, "folder": str(folder / setting.name), **_scores(row)})
     chosen = {}
@@ -285,8 +305,8 @@ def stage_final(args: argparse.Namespace, train_file: Path, pilot_file: Path, pi
     chosen = pilot["chosen"]
     base = base_config(args, train_file)
     if "lora" in chosen:
-        base = base.replace(lr=chosen["lora"]["lr"])
-    overrides = {"lr": chosen["full"]["lr"]} if "full" in chosen else None
+        base = base.replace(lr=chosen["lora"]["lr"], **lora_options(args))
+    overrides = full_overrides(chosen["full"]["lr"]) if "full" in chosen else None
     settings = [COMPARED[method] for method in args.methods]
     result = run_sweep(base, settings, main, full_overrides=overrides, callback=Printer())
     if args.methods == METHODS:
@@ -298,7 +318,7 @@ def stage_final(args: argparse.Namespace, train_file: Path, pilot_file: Path, pi
 def stage_sweep(args: argparse.Namespace, train_file: Path, pilot: dict) -> None:
     from lorakit.analysis.sweep import plan_settings, run_sweep, write_sweep_report
 
-    base = base_config(args, train_file).replace(lr=pilot["chosen"]["lora"]["lr"])
+    base = base_config(args, train_file).replace(lr=pilot["chosen"]["lora"]["lr"], **lora_options(args))
     full_lr = pilot["chosen"]["full"]["lr"]
     settings = plan_settings(
         RANKS,
@@ -311,7 +331,7 @@ def stage_sweep(args: argparse.Namespace, train_file: Path, pilot: dict) -> None
     main = args.runs / "main"
     # The pilot's winners are exactly two of these runs (same options): link them instead of retraining.
     link_pilot_winners(pilot, main)
-    result = run_sweep(base, settings, main, full_overrides={"lr": full_lr}, callback=Printer())
+    result = run_sweep(base, settings, main, full_overrides=full_overrides(full_lr), callback=Printer())
     paths = write_sweep_report(result, args.figures)
     _portable_report(paths)
     log(f"sweep: {len(result.ran)} trained, {len(result.skipped)} reused -> {paths['markdown']}")

@@ -208,6 +208,15 @@ def test_a_finished_run_made_with_other_options_is_an_error(
     relative = base_config(tiny, data="train.tsv", eval_data="dev.tsv")
     assert run_sweep(relative, settings, Path("s"), measure_memory=False).skipped == ["lora-qv-r1"]
     assert len(train_calls) == 1
+    # a record written before an option existed: the option left at None is the same run, set is not
+    path = tmp_path / "s" / "lora-qv-r1" / RESULT_FILE
+    record = json.loads(path.read_text())
+    assert record["config"].pop("modules_to_save") is None
+    path.write_text(json.dumps(record))
+    assert run_sweep(relative, settings, Path("s"), measure_memory=False).skipped == ["lora-qv-r1"]
+    with pytest.raises(ValueError, match=r"other options \(modules_to_save: None there, \['pooler'\] now"):
+        run_sweep(relative.replace(modules_to_save=["pooler"]), settings, Path("s"), measure_memory=False)
+    assert len(train_calls) == 1
     with pytest.raises(ValueError, match=r"other options \(lr: 0\.01 there, 0\.02 now"):
         run_sweep(base_config(tiny, lr=2e-2), settings, tmp_path / "s", measure_memory=False)
 
@@ -544,3 +553,18 @@ def test_reproduction_figures_name_no_machine_folders(reproduce, tmp_path: Path)
     # what the script writes goes through it, with the checkout as the root
     reproduce._write_json(tmp_path / "x.json", {"folder": str(reproduce.ROOT / "runs" / "sst2" / "pilot")})
     assert json.loads((tmp_path / "x.json").read_text()) == {"folder": "runs/sst2/pilot"}
+
+
+def test_lora_modules_to_save_reach_the_lora_runs_only(reproduce, tmp_path: Path) -> None:
+    from lorakit.analysis.sweep.plan import setting_config
+
+    args = reproduce.parse_args(["--lora-modules-to-save", "pooler, classifier"])
+    assert reproduce.lora_options(args) == {"modules_to_save": ["pooler", "classifier"]}
+    assert reproduce.lora_options(reproduce.parse_args([])) == {}
+    train_file = tmp_path / "train.tsv"
+    train_file.write_text("sentence\tlabel\n" + "".join(f"s{i}\t{i % 2}\n" for i in range(64)))
+    base = reproduce.base_config(args, train_file).replace(**reproduce.lora_options(args))
+    full = setting_config(base, SweepSetting("full"), tmp_path / "f", [], reproduce.full_overrides(1e-4))
+    lora = setting_config(base, SweepSetting("lora", 8, ("q", "v")), tmp_path / "l", ["query", "value"])
+    assert full.modules_to_save is None and full.lr == 1e-4
+    assert lora.modules_to_save == ["pooler", "classifier"]

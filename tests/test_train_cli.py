@@ -193,6 +193,40 @@ def test_classification_run_from_a_tsv(tmp_path: Path) -> None:
         train(TrainConfig(model=str(folder), data=str(tmp_path / "train.tsv"), output=str(tmp_path / "x")))
 
 
+def test_modules_to_save_trains_the_pooler_and_peft_loads_it(tmp_path: Path) -> None:
+    # BERT's pooler dense layer trained in full beside the adapter (RoBERTa's classification head has the
+    # same dense layer, which the LoRA paper trains), saved in PEFT's format: peft's model gives our logits.
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    args = build_parser().parse_args(["train", "--modules-to-save", "pooler", "--targets", "query,value"])
+    assert args.modules_to_save == ["pooler"]
+    assert TrainConfig(modules_to_save="pooler, dense").modules_to_save == ["pooler", "dense"]
+    folder = tmp_path / "bert"
+    torch.manual_seed(0)
+    tiny_bert(num_labels=2).save_pretrained(folder)
+    tokenizer = tiny_tokenizer(chat_template=None)
+    tokenizer.save_pretrained(folder)
+    lines = ["sentence\tlabel"] + [f"{'good nice' if i % 2 else 'bad poor'} {i}\t{i % 2}" for i in range(16)]
+    (tmp_path / "train.tsv").write_text("\n".join(lines) + "\n")
+    config = TrainConfig(
+        model=str(folder), data=str(tmp_path / "train.tsv"), task="classify", steps=3, lr=5e-2,
+        batch_size=8, output=str(tmp_path / "out"), r=4, targets=["query", "value"],
+        modules_to_save=args.modules_to_save, dtype="fp32",
+    )  # fmt: skip
+    model = train(config).model
+    saved = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert "base_model.model.bert.pooler.dense.weight" in saved
+    base = AutoModelForSequenceClassification.from_pretrained(folder)
+    assert not torch.equal(saved["base_model.model.bert.pooler.dense.weight"], base.bert.pooler.dense.weight)
+    adapter_config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert {"pooler", "classifier"} <= set(adapter_config["modules_to_save"])
+    reference = PeftModel.from_pretrained(base, tmp_path / "out").eval()
+    batch = tokenizer(["good nice 3", "bad poor 4"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(**batch).logits, reference(**batch).logits)
+
+
 @pytest.mark.parametrize("bf16", [False, True])
 def test_qlora_nf4_base_trains_fp32_adapters(tmp_path: Path, tiny_folder: Path, bf16: bool) -> None:
     # Counting text ("abcdef...", one token per character) is learnt in a few steps.

@@ -74,6 +74,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     adapter.add_argument(
         "--targets", type=_targets, help="comma-separated module names or all-linear (default)"
     )
+    adapter.add_argument(
+        "--modules-to-save",
+        type=_names,
+        help="comma-separated modules trained in full and saved with the adapter (e.g. pooler)",
+    )
     adapter.add_argument("--dora", action=argparse.BooleanOptionalAction, help="weight-decomposed LoRA")
     adapter.add_argument("--rslora", action=argparse.BooleanOptionalAction, help="scale by alpha / sqrt(r)")
     adapter.add_argument("--quantize", type=_quantize, help="nf4: QLoRA, the base in 4-bit (none: off)")
@@ -215,6 +220,10 @@ def _targets(value: str) -> str | list[str]:
     # One or more plain module names; `all-linear` stays a string (the matcher's keyword).
     if value.lower() == "all-linear":
         return "all-linear"
+    return _names(value)
+
+
+def _names(value: str) -> list[str]:
     return [name.strip() for name in value.split(",") if name.strip()]
 
 

@@ -63,6 +63,9 @@ class TrainConfig:
         r, alpha, dropout, targets, dora, rslora: the adapter (`lorakit.LoraConfig`'s ``r``,
             ``lora_alpha``, ``lora_dropout``, ``target_modules``, ``use_dora``, ``use_rslora``). ``targets``
             is ``"all-linear"``, a list of module names, a comma-separated string of names, or a regex.
+        modules_to_save: modules trained in full beside the adapter and saved with it (PEFT's
+            ``modules_to_save``, e.g. ``["pooler"]``); a classifier's head (``classifier``/``score``) is
+            always among them. A list of names or a comma-separated string.
         quantize: ``"nf4"`` trains a QLoRA: the base in 4-bit NF4, the adapters in fp32.
         lr: peak learning rate of AdamW.
         loraplus_ratio: LoRA+: the lr of every ``lora_B`` is ``loraplus_ratio × lr`` (None: plain LoRA).
@@ -128,6 +131,7 @@ class TrainConfig:
     alpha: float = 32.0
     dropout: float = 0.05
     targets: list[str] | str = "all-linear"
+    modules_to_save: list[str] | None = None
     dora: bool = False
     rslora: bool = False
     quantize: str | None = None
@@ -236,6 +240,8 @@ class TrainConfig:
         if plain and self.targets.lower() != "all-linear":
             # Plain module names ("q_proj,v_proj" or one name) are a list; anything else stays a regex.
             self.targets = [name.strip() for name in self.targets.split(",") if name.strip()]
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [name.strip() for name in self.modules_to_save.split(",") if name.strip()]
 
     @property
     def greater_is_better(self) -> bool:

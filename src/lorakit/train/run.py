@@ -36,6 +36,7 @@ def lora_config(config: TrainConfig) -> LoraConfig:
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
         target_modules=config.targets,
+        modules_to_save=config.modules_to_save,
         use_dora=config.dora,
         use_rslora=config.rslora,
         task_type="SEQ_CLS" if config.task == "classify" else "CAUSAL_LM",

@@ -266,8 +266,9 @@ def _read_finished(folder: Path, config: TrainConfig) -> SweepRow | None:
         return None
     record = json.loads(path.read_text(encoding="utf-8"))
     saved, wanted = record.get("config", {}), _comparable(config)
-    if saved != wanted:
-        keys = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    # An option missing from an older record is None there: a later option left at None changes nothing.
+    keys = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    if keys:
         differences = ", ".join(f"{k}: {saved.get(k)!r} there, {wanted.get(k)!r} now" for k in keys[:4])
         raise ValueError(
             f"{folder} holds a finished run with other options ({differences}); use another --output "
