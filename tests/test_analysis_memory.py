@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import lorakit
 from lorakit import recipes
@@ -182,13 +184,14 @@ def _small_llama(dtype: torch.dtype, **config: Any) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["sdpa", "sdpa-math", "eager"])
 @pytest.mark.parametrize("method", ["full", "lora", "lora_dropout"])
 @pytest.mark.parametrize("trainer", ["transformers", "lorakit"])
 def test_block_inventory_is_exact(dtype: torch.dtype, attention: str, method: str, trainer: str) -> None:
     """The per-block formula equals what autograd saves in a real LLaMA block, byte for byte: in a standard
     transformers step, and in lorakit's (lean loss, `LeanActivations`) with ``lean=True``."""
-    model = _small_llama(dtype, num_hidden_layers=2, vocab_size=97, attn_implementation=attention)
+    implementation = "sdpa" if attention == "sdpa-math" else attention
+    model = _small_llama(dtype, num_hidden_layers=2, vocab_size=97, attn_implementation=implementation)
     config = model.config
     adapted: list[AdaptedLinear] = []
     dropout = 0.1 if method == "lora_dropout" else 0.0
@@ -203,7 +206,11 @@ def test_block_inventory_is_exact(dtype: torch.dtype, attention: str, method: st
         assert len(adapted) == 7
     batch, seq = 2, 32
     ids = torch.randint(0, 97, (batch, seq), generator=torch.Generator().manual_seed(1))
-    measured = _saved_bytes_of_block(model, model.model.layers[1], ids, trainer)
+    def kernel() -> contextlib.AbstractContextManager:
+        return sdpa_kernel([SDPBackend.MATH]) if attention == "sdpa-math" else contextlib.nullcontext()
+
+    with kernel():
+        measured = _saved_bytes_of_block(model, model.model.layers[1], ids, trainer)
     p = torch.finfo(dtype).bits // 8
     estimated = sum(
         block_activation_bytes(
@@ -222,7 +229,8 @@ def test_block_inventory_is_exact(dtype: torch.dtype, attention: str, method: st
     rotary_tables = 2 * seq * 16 * p  # cos and sin (1, seq, head_dim): made once, outside the block
     assert measured == estimated + rotary_tables
     if trainer == "lorakit":  # lean activations keep less than autograd's defaults
-        assert measured < _saved_bytes_of_block(model, model.model.layers[1], ids, "transformers")
+        with kernel():
+            assert measured < _saved_bytes_of_block(model, model.model.layers[1], ids, "transformers")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

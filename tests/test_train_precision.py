@@ -3,6 +3,7 @@ and the run records the choice. The hardware answer is forced both ways (monkeyp
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -174,3 +175,113 @@ def test_train_resolves_auto_logs_why_and_records_the_choice(
     assert train_losses(output) == train_losses(named)
     other = _run(tmp_path, tiny_run_inputs, "other", dtype="fp32" if expected == "bf16" else "bf16")
     assert train_losses(output) != train_losses(other)
+
+
+# --- frozen linear weights stored in bf16 under bf16 autocast -----------------------------------------------
+
+
+def _adapted_llama(tie: bool, dora: bool = False) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import lorakit
+
+    torch.manual_seed(0)
+    sizes = {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2}
+    model = LlamaForCausalLM(
+        LlamaConfig(**sizes, num_hidden_layers=2, vocab_size=101, tie_word_embeddings=tie)
+    ).train()
+    model.requires_grad_(False)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=targets, lora_dropout=0.1, use_dora=dora))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:  # B = 0 at the start: give the adapters something to say
+            parameter.data.normal_(0, 0.05)
+    return model
+
+
+def _loss_and_grads(model: torch.nn.Module, lean: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    from lorakit.train.lean_activations import LeanActivations
+    from lorakit.train.loss import LossModule
+
+    ids = torch.randint(0, 101, (3, 17), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(2)  # the same dropout masks
+    context = LeanActivations(model) if lean else contextlib.nullcontext()
+    with torch.autocast("cpu", dtype=torch.bfloat16), context:
+        loss, _ = LossModule(model, "causal")({"input_ids": ids, "labels": ids})
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("lean", [False, True])
+def test_frozen_linears_in_bf16_give_autocasts_bits(tie: bool, lean: bool) -> None:
+    import copy
+
+    from lorakit.train.precision import store_frozen_linears_in
+
+    model = _adapted_llama(tie)
+    lowered = copy.deepcopy(model)
+    # 2 layers × (q, k, v, o, gate, up, down) frozen bases, and lm_head unless it is the tied embedding
+    assert store_frozen_linears_in(lowered, torch.bfloat16) == 14 + (0 if tie else 1)
+    assert lowered.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
+    assert lowered.model.layers[0].self_attn.k_proj.weight.dtype == torch.bfloat16
+    assert lowered.model.embed_tokens.weight.dtype == torch.float32  # a lookup: stays fp32
+    assert lowered.lm_head.weight.dtype == (torch.float32 if tie else torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in lowered.parameters() if p.requires_grad)
+    loss, grads = _loss_and_grads(model, lean)
+    lowered_loss, lowered_grads = _loss_and_grads(lowered, lean)
+    assert torch.equal(loss, lowered_loss)
+    assert grads.keys() == lowered_grads.keys() and len(grads) == 12
+    for name, grad in grads.items():
+        assert torch.equal(grad, lowered_grads[name]), name
+
+
+def test_frozen_linears_skip_dora_bases_and_trainable_layers() -> None:
+    from lorakit.train.precision import store_frozen_linears_in
+
+    model = _adapted_llama(tie=False, dora=True)
+    model.model.layers[1].self_attn.k_proj.weight.requires_grad_(True)
+    assert store_frozen_linears_in(model, torch.bfloat16) == 2 * 4 + 1 - 1  # k, o, gate, up per layer, head
+    attention = model.model.layers[0].self_attn
+    assert attention.q_proj.base_layer.weight.dtype == torch.float32  # DoRA reads it
+    assert model.model.layers[1].self_attn.k_proj.weight.dtype == torch.float32  # trains
+    assert attention.k_proj.weight.dtype == torch.bfloat16
+
+
+def test_a_bf16_run_stores_its_frozen_linears_in_bf16(tmp_path: Path) -> None:
+    write_tiny_model(tmp_path / "model")
+    write_chat_jsonl(tmp_path / "chat.jsonl", 8)
+    common = {"model": str(tmp_path / "model"), "data": str(tmp_path / "chat.jsonl"), "steps": 1, "r": 4}
+    bf16 = train(TrainConfig(**common, dtype="bf16", output=str(tmp_path / "bf16"))).model
+    fp32 = train(TrainConfig(**common, dtype="fp32", output=str(tmp_path / "fp32"))).model
+    assert {p.dtype for p in bf16.parameters() if not p.requires_grad} == {torch.bfloat16, torch.float32}
+    assert {p.dtype for p in fp32.parameters()} == {torch.float32}
+    assert {p.dtype for p in bf16.parameters() if p.requires_grad} == {torch.float32}
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+def test_lowering_lets_the_loaded_file_mapping_go(tmp_path: Path) -> None:
+    # transformers hands out views of the mapped safetensors file; a frozen fp32 tensor left there (the
+    # embedding) would keep the whole file resident beside the bf16 copies
+    import gc
+
+    from lorakit.models import load_causal_lm
+    from lorakit.train.precision import store_frozen_linears_in
+
+    write_tiny_model(tmp_path / "model")
+    weights = str((tmp_path / "model" / "model.safetensors").resolve())
+
+    def mapped() -> bool:
+        return weights in Path("/proc/self/maps").read_text()
+
+    model, _ = load_causal_lm(str(tmp_path / "model"))
+    model.requires_grad_(False)
+    if not mapped():
+        pytest.skip("this transformers version copies the weights at load")
+    embedding = model.get_input_embeddings().weight.detach().clone()
+    assert store_frozen_linears_in(model, torch.bfloat16) > 0
+    gc.collect()
+    assert not mapped()
+    assert torch.equal(model.get_input_embeddings().weight, embedding)  # copied, not changed

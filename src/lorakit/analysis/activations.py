@@ -43,9 +43,12 @@ gated product. A frozen or 4-bit base layer saves nothing of its input.
 
 Attention, ``sdpa`` (flash/efficient kernels, CPU flash): q and the output (p·h_q each), k and v
 (p·g each: GQA is passed to SDPA unexpanded when there is no padding mask), and the log-sum-exp
-(4 bytes per head). ``eager``: q, the expanded k and v (p·h_q each), the fp32 softmax (4·a·s), its
-copy in the compute dtype (p·a·s, only when p ≠ 4), and the contiguous attention output (p·h_q) when
-o_proj saves its input.
+(4 bytes per head). ``sdpa-math`` (SDPA's math kernel on a CPU, which lorakit's trainer picks there for
+sequences of at most 128 tokens: `lorakit.train.attention_kernel`): it computes in fp32 and keeps the
+scaled q and k and v, all expanded to the query heads (3·4·h_q), and the softmax (4·a·s); not the output,
+so o_proj's input is a copy of its own (p·h_q) when o_proj saves it. ``eager``: q, the expanded k and v
+(p·h_q each), the fp32 softmax (4·a·s), its copy in the compute dtype (p·a·s, only when p ≠ 4), and the
+contiguous attention output (p·h_q) when o_proj saves its input.
 
 MLP: gated (SwiGLU): gate and up outputs and the activation (3·p·i), plus the product (p·i) when
 down_proj saves its input. Plain (GELU): the first projection's output, saved by the activation.
@@ -86,7 +89,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-Attention = Literal["sdpa", "eager"]
+Attention = Literal["sdpa", "sdpa-math", "eager"]
 Trainer = Literal["lorakit", "transformers"]
 Role = Literal["qkv", "attn_out", "mlp_in", "mlp_mid"]
 
@@ -193,13 +196,20 @@ def block_activation_bytes(
     if attention == "sdpa":
         attention_bytes = p * (2 * h_q + 2 * g) + 4 * a
         scores = 0
+    elif attention == "sdpa-math":
+        if shape.attention_dropout > 0:
+            raise ValueError("sdpa-math is modelled without attention dropout (lorakit keeps flash then)")
+        # fp32 whatever the compute dtype: q and k scaled, v, k and v expanded to every query head, and the
+        # softmax; the output is not kept, so o_proj's input is its own contiguous copy when o_proj saves it
+        attention_bytes = 4 * 3 * h_q + (p * h_q if "attn_out" in shared else 0)
+        scores = 4 * a * seq_len
     elif attention == "eager":
         attention_bytes = p * 3 * h_q + (p * h_q if "attn_out" in shared else 0)
         scores = a * seq_len * (4 + (p if p != 4 else 0))
         if shape.attention_dropout > 0:
             scores += a * seq_len * (mask_bytes + p)
     else:
-        raise ValueError(f"attention must be 'sdpa' or 'eager', got {attention!r}")
+        raise ValueError(f"attention must be 'sdpa', 'sdpa-math' or 'eager', got {attention!r}")
 
     if lean:  # act(gate) and the product entering down_proj are rebuilt from gate and up
         mlp = p * i * (2 if shape.gated_mlp else shape.activation_saves)

@@ -39,7 +39,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="comma-separated module names or all-linear (default all-linear)",
     )
     parser.add_argument("--lora-dropout", type=float, default=0.0)
-    parser.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa")
+    parser.add_argument(
+        "--attention",
+        choices=("sdpa", "sdpa-math", "eager"),
+        default="sdpa",
+        help="sdpa (flash kernels), sdpa-math (the CPU math kernel: lorakit train on a CPU at <= 128 "
+        "tokens), eager",
+    )
     parser.add_argument(
         "--master-weights",
         action="store_true",

@@ -20,6 +20,7 @@ from torch import nn
 
 from lorakit.train import fsdp
 from lorakit.train.adapter import load_trainable_state, trainable_state, write_adapter
+from lorakit.train.attention_kernel import attention_kernel_for
 from lorakit.train.checkpoint import (
     capture_rng_state,
     check_resumable,
@@ -182,6 +183,7 @@ class Trainer:
             write_yaml(config.replace(overwrite=False), self.output / RUN_CONFIG_FILE)
             self.log.truncate_after(self.position.step)  # a resumed run rewrites what followed its checkpoint
         self.autocast = make_autocast(self.device, config.bf16)
+        self.attention_kernel = attention_kernel_for(model, self.device)
         # DDP without unused-parameter search needs a gradient for every adapter: checked after step 1.
         self.grads_checked = not context.enabled or config.ddp_find_unused_parameters
 
@@ -246,7 +248,8 @@ class Trainer:
             # DDP all-reduces the gradients in the backward of the last micro-batch only.
             last = index == len(batches) - 1
             sync = contextlib.nullcontext() if last or not context.enabled else fsdp.no_sync(self.ddp)
-            with sync:
+            # backward too: gradient checkpointing recomputes the blocks there, on the same kernel
+            with sync, self.attention_kernel(batch["input_ids"].shape[-1]):
                 with self.autocast(), self.lean:
                     loss_sum, _ = self.ddp(batch)
                 (loss_sum * scale).backward()

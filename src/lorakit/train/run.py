@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from lorakit.config import LoraConfig
@@ -24,7 +25,7 @@ from lorakit.train.distributed import Distributed
 from lorakit.train.evaluate import Scorer, exact_match_scorer
 from lorakit.train.loop import fit, make_autocast
 from lorakit.train.output import prepare_output
-from lorakit.train.precision import choose_precision, log_precision
+from lorakit.train.precision import choose_precision, log_precision, store_frozen_linears_in
 from lorakit.train.progress import TrainCallback
 from lorakit.train.state import TrainResult
 
@@ -131,6 +132,10 @@ def _prepare(config: TrainConfig) -> tuple[nn.Module, Any, list[Any], list[Any] 
         model, tokenizer = load_causal_lm(config.model, quantize=config.quantize, dtype=dtype)
     if config.method == "lora":
         inject(model, lora_config(config))
+        if config.bf16 and not config.quantize and not config.fsdp:
+            # bf16 autocast computes with bf16 copies of the frozen weights: store them so. (A QLoRA base is
+            # bf16 already; FSDP shards one flat fp32 group per block.)
+            store_frozen_linears_in(model, torch.bfloat16)
     else:  # full fine-tuning: from_pretrained leaves nothing frozen, but say so rather than rely on it
         model.requires_grad_(True)
 
