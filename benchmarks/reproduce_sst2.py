@@ -118,6 +118,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--full-lrs", default="5e-5,1e-4,2e-4,4e-4", help="full fine-tuning learning rates tried on dev"
     )
     parser.add_argument(
+        "--final-epochs",
+        type=int,
+        default=1,
+        help="passes over the training file in the final runs (the pilot keeps its length); default 1",
+    )
+    parser.add_argument(
         "--lora-modules-to-save",
         default=None,
         help="modules the LoRA runs train in full besides the classifier head, comma-separated (e.g. "
@@ -302,17 +308,24 @@ def stage_final(args: argparse.Namespace, train_file: Path, pilot_file: Path, pi
     main = args.runs / "main"
     if pilot_file == train_file:
         link_pilot_winners(pilot, main, args.methods)
-    chosen = pilot["chosen"]
-    base = base_config(args, train_file)
-    if "lora" in chosen:
-        base = base.replace(lr=chosen["lora"]["lr"], **lora_options(args))
-    overrides = full_overrides(chosen["full"]["lr"]) if "full" in chosen else None
+    base, overrides = final_configs(args, train_file, pilot["chosen"])
     settings = [COMPARED[method] for method in args.methods]
     result = run_sweep(base, settings, main, full_overrides=overrides, callback=Printer())
     if args.methods == METHODS:
         paths = write_sweep_report(result, args.figures)
         _portable_report(paths)
         log(f"final: {len(result.ran)} trained, {len(result.skipped)} reused -> {paths['markdown']}")
+
+
+def final_configs(args: argparse.Namespace, train_file: Path, chosen: dict) -> tuple[Any, dict | None]:
+    """The final runs' base config (LoRA's learning rate and options, ``--final-epochs`` passes over the
+    training file) and full fine-tuning's overrides (its learning rate), from the pilot's choices."""
+    base = base_config(args, train_file)
+    # more passes: the trainer draws a new order of the file for each epoch
+    base = base.replace(steps=base.steps * args.final_epochs)
+    if "lora" in chosen:
+        base = base.replace(lr=chosen["lora"]["lr"], **lora_options(args))
+    return base, (full_overrides(chosen["full"]["lr"]) if "full" in chosen else None)
 
 
 def stage_sweep(args: argparse.Namespace, train_file: Path, pilot: dict) -> None:

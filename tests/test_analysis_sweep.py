@@ -568,3 +568,14 @@ def test_lora_modules_to_save_reach_the_lora_runs_only(reproduce, tmp_path: Path
     lora = setting_config(base, SweepSetting("lora", 8, ("q", "v")), tmp_path / "l", ["query", "value"])
     assert full.modules_to_save is None and full.lr == 1e-4
     assert lora.modules_to_save == ["pooler", "classifier"]
+
+
+def test_final_runs_take_the_pilots_rates_for_final_epochs(reproduce, tmp_path: Path) -> None:
+    train_file = tmp_path / "train.tsv"
+    train_file.write_text("sentence\tlabel\n" + "".join(f"s{i}\t{i % 2}\n" for i in range(64)))
+    chosen = {"lora": {"lr": 2e-3}, "full": {"lr": 1e-4}}
+    one, overrides = reproduce.final_configs(reproduce.parse_args([]), train_file, chosen)
+    assert one.steps == 2 and one.lr == 2e-3 and overrides == {"lr": 1e-4, "modules_to_save": None}
+    two, _ = reproduce.final_configs(reproduce.parse_args(["--final-epochs", "2"]), train_file, chosen)
+    assert two.steps == 4 and two.warmup_ratio == one.warmup_ratio  # the warmup stays 6 % of the run
+    assert reproduce.final_configs(reproduce.parse_args([]), train_file, {"lora": {"lr": 1e-3}})[1] is None
