@@ -394,6 +394,8 @@ def main() -> None:
         "startup": startup_times(env),
     }
     result["total_s"] = round(time.perf_counter() - began, 1)
+    # the committed results name the work folder WORK, not this machine's path
+    result = json.loads(json.dumps(result).replace(str(work), "WORK"))
     print(markdown(result))
     if args.name:
         RESULTS.mkdir(exist_ok=True)

@@ -224,7 +224,7 @@ def test_frozen_linears_in_bf16_give_autocasts_bits(tie: bool, lean: bool) -> No
     model = _adapted_llama(tie)
     lowered = copy.deepcopy(model)
     # 2 layers × (q, k, v, o, gate, up, down) frozen bases, and lm_head unless it is the tied embedding
-    assert store_frozen_linears_in(lowered, torch.bfloat16) == 14 + (0 if tie else 1)
+    assert len(store_frozen_linears_in(lowered, torch.bfloat16)) == 14 + (0 if tie else 1)
     assert lowered.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
     assert lowered.model.layers[0].self_attn.k_proj.weight.dtype == torch.bfloat16
     assert lowered.model.embed_tokens.weight.dtype == torch.float32  # a lookup: stays fp32
@@ -243,22 +243,43 @@ def test_frozen_linears_skip_dora_bases_and_trainable_layers() -> None:
 
     model = _adapted_llama(tie=False, dora=True)
     model.model.layers[1].self_attn.k_proj.weight.requires_grad_(True)
-    assert store_frozen_linears_in(model, torch.bfloat16) == 2 * 4 + 1 - 1  # k, o, gate, up per layer, head
+    lowered = store_frozen_linears_in(model, torch.bfloat16)
+    assert len(lowered) == 2 * 4 + 1 - 1  # k, o, gate, up per layer, the head; layer 1's k trains
+    assert "model.layers.0.self_attn.o_proj" in lowered and "lm_head" in lowered
     attention = model.model.layers[0].self_attn
     assert attention.q_proj.base_layer.weight.dtype == torch.float32  # DoRA reads it
     assert model.model.layers[1].self_attn.k_proj.weight.dtype == torch.float32  # trains
     assert attention.k_proj.weight.dtype == torch.bfloat16
 
 
-def test_a_bf16_run_stores_its_frozen_linears_in_bf16(tmp_path: Path) -> None:
+def test_a_bf16_run_trains_on_bf16_linears_and_returns_the_loaded_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lorakit.models import load_causal_lm
+    from lorakit.train import loop
+
     write_tiny_model(tmp_path / "model")
     write_chat_jsonl(tmp_path / "chat.jsonl", 8)
     common = {"model": str(tmp_path / "model"), "data": str(tmp_path / "chat.jsonl"), "steps": 1, "r": 4}
-    bf16 = train(TrainConfig(**common, dtype="bf16", output=str(tmp_path / "bf16"))).model
+    seen: list[set[torch.dtype]] = []
+    fit = loop.fit
+
+    def recording_fit(model, *args, **kwargs):
+        seen.append({p.dtype for p in model.parameters() if not p.requires_grad})
+        return fit(model, *args, **kwargs)
+
+    monkeypatch.setattr("lorakit.train.run.fit", recording_fit)
+    restored = train(TrainConfig(**common, dtype="bf16", output=str(tmp_path / "bf16"))).model
+    kept = train(TrainConfig(**common, dtype="bf16", output=str(tmp_path / "cli")), restore_base=False).model
     fp32 = train(TrainConfig(**common, dtype="fp32", output=str(tmp_path / "fp32"))).model
-    assert {p.dtype for p in bf16.parameters() if not p.requires_grad} == {torch.bfloat16, torch.float32}
-    assert {p.dtype for p in fp32.parameters()} == {torch.float32}
-    assert {p.dtype for p in bf16.parameters() if p.requires_grad} == {torch.float32}
+    assert seen == [{torch.bfloat16, torch.float32}] * 2 + [{torch.float32}]  # what each run trained on
+    assert {p.dtype for p in kept.parameters() if not p.requires_grad} == {torch.bfloat16, torch.float32}
+    loaded, _ = load_causal_lm(str(tmp_path / "model"))
+    for model in (restored, fp32):
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+        base = model.model.layers[0].self_attn
+        assert torch.equal(base.q_proj.base_layer.weight, loaded.model.layers[0].self_attn.q_proj.weight)
+        assert torch.equal(model.lm_head.weight, loaded.lm_head.weight)  # not adapted (all-linear)
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
@@ -281,7 +302,7 @@ def test_lowering_lets_the_loaded_file_mapping_go(tmp_path: Path) -> None:
     if not mapped():
         pytest.skip("this transformers version copies the weights at load")
     embedding = model.get_input_embeddings().weight.detach().clone()
-    assert store_frozen_linears_in(model, torch.bfloat16) > 0
+    assert store_frozen_linears_in(model, torch.bfloat16)
     gc.collect()
     assert not mapped()
     assert torch.equal(model.get_input_embeddings().weight, embedding)  # copied, not changed

@@ -187,7 +187,7 @@ def run_train(args: argparse.Namespace) -> int:
     config = build_config(args.config, overrides)
     main_process = int(os.environ.get("RANK", "0")) == 0
     progress = TqdmProgress(disable=args.quiet or not main_process, file=sys.stderr)
-    result = train(config, progress)
+    result = train(config, progress, restore_base=False)  # the process ends here: nobody uses the model
     if main_process and result.already_finished:
         print(f"{config.output} had already finished its {result.total_steps} steps; nothing to do")
     elif main_process:

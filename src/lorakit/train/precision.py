@@ -117,9 +117,9 @@ def log_precision(choice: PrecisionChoice) -> None:
     logger.info("precision: %s", choice.reason)
 
 
-def store_frozen_linears_in(model: nn.Module, dtype: torch.dtype) -> int:
+def store_frozen_linears_in(model: nn.Module, dtype: torch.dtype) -> list[str]:
     """Store the frozen weights and biases of ``model``'s plain linear layers in ``dtype`` (bf16 for bf16
-    autocast); returns how many layers changed.
+    autocast); returns the qualified names of the layers changed (for `restore_linears_from`).
 
     Under autocast every matmul casts an fp32 weight to bf16 at each forward, and lean activations rebuild
     that copy again in backward; a weight stored in bf16 is used as it is. The bits are the same (autocast
@@ -138,8 +138,8 @@ def store_frozen_linears_in(model: nn.Module, dtype: torch.dtype) -> int:
     uses: dict[int, int] = {}
     for _, parameter in model.named_parameters(remove_duplicate=False):
         uses[id(parameter)] = uses.get(id(parameter), 0) + 1
-    changed = 0
-    for module in model.modules():
+    changed: list[str] = []
+    for name, module in model.named_modules():
         if type(module) is not nn.Linear or id(module) in skipped:
             continue
         tensors = [t for t in (module.weight, module.bias) if t is not None]
@@ -148,7 +148,7 @@ def store_frozen_linears_in(model: nn.Module, dtype: torch.dtype) -> int:
             continue
         for tensor in tensors:
             tensor.data = tensor.data.to(dtype)
-        changed += 1
+        changed.append(name)
     # transformers maps a safetensors file and hands out views of it: one frozen tensor left there (the
     # embedding) keeps the whole file mapped, and every fp32 weight read once stays resident beside its
     # bf16 copy (0.5 GB of RSS for SmolLM2-135M). Their own copies let the mapping go.
@@ -156,3 +156,15 @@ def store_frozen_linears_in(model: nn.Module, dtype: torch.dtype) -> int:
         if not parameter.requires_grad and parameter.dtype != dtype:
             parameter.data = parameter.data.clone()
     return changed
+
+
+def restore_linears_from(model: nn.Module, names: list[str], source: nn.Module) -> None:
+    """Give the layers ``names`` of ``model`` (from `store_frozen_linears_in`) the weights and biases of the
+    same layers of ``source``, the model as loaded (without adapters: ``…q_proj.base_layer`` is ``…q_proj``
+    there), on ``model``'s device."""
+    for name in names:
+        layer = model.get_submodule(name)
+        original = source.get_submodule(".".join(part for part in name.split(".") if part != "base_layer"))
+        layer.weight.data = original.weight.data.to(layer.weight.device)
+        if layer.bias is not None:
+            layer.bias.data = original.bias.data.to(layer.bias.device)

@@ -25,7 +25,12 @@ from lorakit.train.distributed import Distributed
 from lorakit.train.evaluate import Scorer, exact_match_scorer
 from lorakit.train.loop import fit, make_autocast
 from lorakit.train.output import prepare_output
-from lorakit.train.precision import choose_precision, log_precision, store_frozen_linears_in
+from lorakit.train.precision import (
+    choose_precision,
+    log_precision,
+    restore_linears_from,
+    store_frozen_linears_in,
+)
 from lorakit.train.progress import TrainCallback
 from lorakit.train.state import TrainResult
 
@@ -45,8 +50,14 @@ def lora_config(config: TrainConfig) -> LoraConfig:
     )
 
 
-def train(config: TrainConfig, progress: TrainCallback | None = None) -> TrainResult:
+def train(
+    config: TrainConfig, progress: TrainCallback | None = None, *, restore_base: bool = True
+) -> TrainResult:
     """Load the model and data that ``config`` names, inject the adapter, train, and write the run folder.
+
+    Under bf16 the frozen linear weights are stored in bf16 while training (`store_frozen_linears_in`);
+    with ``restore_base`` (the default) the returned model gets its fp32 weights back from the model's
+    files, so it computes as loaded outside autocast too. The CLI, which exits after writing, skips that.
 
     Works the same on one process and under ``torchrun`` (each process loads the model; only rank 0
     writes). ``progress`` receives the loop's events on rank 0 (e.g. `lorakit.train.TqdmProgress`).
@@ -88,10 +99,15 @@ def train(config: TrainConfig, progress: TrainCallback | None = None) -> TrainRe
         context.barrier()
         seed_everything(config.seed)  # the adapter's initial weights and a classifier head's
         model, tokenizer, train_examples, eval_examples, eval_rows = _prepare(config)
+        lowered: list[str] = []
+        if config.method == "lora" and config.bf16 and not config.quantize and not config.fsdp:
+            # bf16 autocast computes with bf16 copies of the frozen weights: store them so. (A QLoRA base is
+            # bf16 already; FSDP shards one flat fp32 group per block.)
+            lowered = store_frozen_linears_in(model, torch.bfloat16)
         scorer = _scorer(config, tokenizer, eval_rows, context) if eval_rows is not None else None
         from lorakit.data import pad_collator
 
-        return fit(
+        result = fit(
             model,
             train_examples,
             config,
@@ -102,6 +118,10 @@ def train(config: TrainConfig, progress: TrainCallback | None = None) -> TrainRe
             context=context,
             adapter_writer=write_adapter if config.method == "lora" else _full_model_writer(tokenizer),
         )
+        if lowered and restore_base:
+            with torch.random.fork_rng(devices=[]):  # a reloaded classifier draws a fresh head
+                restore_linears_from(model, lowered, _load_model(config, model.config.num_labels)[0])
+        return result
     finally:
         context.close()
 
@@ -117,25 +137,12 @@ def _prepare(config: TrainConfig) -> tuple[nn.Module, Any, list[Any], list[Any] 
             f"task={config.task!r} does not fit the data format {choice.description}; use "
             "task 'classify' with classify data and 'causal' with chat/instruction/text data"
         )
-    label_names = None
-    # QLoRA with bf16: the 4-bit layers compute in bf16 (QLoRA's recipe) and the rest of the frozen base is
-    # stored in bf16. Otherwise the base stays fp32 and bf16 comes from autocast alone.
-    dtype = "bfloat16" if config.quantize and config.bf16 else "float32"
+    label_names, num_labels = None, None
     if config.task == "classify":
-        from lorakit.models import load_classifier
-
         _, label_names, num_labels = label_ids(rows)
-        model, tokenizer = load_classifier(config.model, num_labels, quantize=config.quantize, dtype=dtype)
-    else:
-        from lorakit.models import load_causal_lm
-
-        model, tokenizer = load_causal_lm(config.model, quantize=config.quantize, dtype=dtype)
+    model, tokenizer = _load_model(config, num_labels)
     if config.method == "lora":
         inject(model, lora_config(config))
-        if config.bf16 and not config.quantize and not config.fsdp:
-            # bf16 autocast computes with bf16 copies of the frozen weights: store them so. (A QLoRA base is
-            # bf16 already; FSDP shards one flat fp32 group per block.)
-            store_frozen_linears_in(model, torch.bfloat16)
     else:  # full fine-tuning: from_pretrained leaves nothing frozen, but say so rather than rely on it
         model.requires_grad_(True)
 
@@ -158,6 +165,21 @@ def _prepare(config: TrainConfig) -> tuple[nn.Module, Any, list[Any], list[Any] 
             eval_rows, tokenizer, source=str(config.eval_data), labels=stats.label_names, **options
         )
     return model, tokenizer, train_examples, eval_examples, eval_rows
+
+
+def _load_model(config: TrainConfig, num_labels: int | None) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` as ``config`` asks (a classifier with ``num_labels`` classes for classify)."""
+    # QLoRA with bf16: the 4-bit layers compute in bf16 (QLoRA's recipe) and the rest of the frozen base is
+    # stored in bf16. Otherwise the base stays fp32 and bf16 comes from autocast alone.
+    dtype = "bfloat16" if config.quantize and config.bf16 else "float32"
+    if config.task == "classify":
+        from lorakit.models import load_classifier
+
+        assert num_labels is not None
+        return load_classifier(config.model, num_labels, quantize=config.quantize, dtype=dtype)
+    from lorakit.models import load_causal_lm
+
+    return load_causal_lm(config.model, quantize=config.quantize, dtype=dtype)
 
 
 def _full_model_writer(tokenizer: Any) -> Callable[[nn.Module, Path], Path]:
