@@ -579,3 +579,24 @@ def test_final_runs_take_the_pilots_rates_for_final_epochs(reproduce, tmp_path: 
     two, _ = reproduce.final_configs(reproduce.parse_args(["--final-epochs", "2"]), train_file, chosen)
     assert two.steps == 4 and two.warmup_ratio == one.warmup_ratio  # the warmup stays 6 % of the run
     assert reproduce.final_configs(reproduce.parse_args([]), train_file, {"lora": {"lr": 1e-3}})[1] is None
+
+
+@pytest.mark.parametrize("native_bf16", [None, "AVX512-BF16"])
+def test_memory_is_measured_in_the_precision_the_run_chose(
+    tiny: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native_bf16: str | None
+) -> None:
+    # dtype auto: `train` resolves it per machine; the memory probe after it must measure the same way
+    from lorakit.analysis import measure
+    from lorakit.train import precision
+
+    monkeypatch.setattr(precision, "cpu_bf16_instructions", lambda flags=None: native_bf16)
+    real = measure.measure_training_peak
+    seen: list[bool] = []
+
+    def recording(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(measure, "measure_training_peak", recording)
+    run_sweep(base_config(tiny, dtype="auto"), [SweepSetting("lora", 1, ("q", "v"))], tmp_path / "s")
+    assert seen == [native_bf16 is not None]

@@ -218,6 +218,7 @@ def _measure_peak(model: nn.Module, config: TrainConfig) -> MeasuredPeak:
     """Live-tensor peak of two optimizer steps on a ``batch_size × max_length`` batch (see module doc)."""
     from lorakit.analysis.measure import measure_training_peak
     from lorakit.train.optim import build_optimizer
+    from lorakit.train.precision import choose_precision
 
     device = next(model.parameters()).device
     vocab = int(getattr(model.config, "vocab_size", 0) or 0)
@@ -231,7 +232,9 @@ def _measure_peak(model: nn.Module, config: TrainConfig) -> MeasuredPeak:
     batch = {"input_ids": input_ids, "attention_mask": torch.ones(shape, dtype=torch.long), "labels": labels}
     batch = {key: value.to(device) for key, value in batch.items()}
     optimizer = build_optimizer(model, config)
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=config.bf16)
+    # the precision the run trained in (`train` resolved dtype auto; this config still says auto)
+    bf16 = choose_precision(config.dtype, device).bf16
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
     with autocast:
         return measure_training_peak(model, batch, optimizer, steps=2)
 
