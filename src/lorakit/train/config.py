@@ -239,9 +239,9 @@ class TrainConfig:
         plain = isinstance(self.targets, str) and _NAMES.fullmatch(self.targets)
         if plain and self.targets.lower() != "all-linear":
             # Plain module names ("q_proj,v_proj" or one name) are a list; anything else stays a regex.
-            self.targets = [name.strip() for name in self.targets.split(",") if name.strip()]
+            self.targets = _split_names(self.targets)
         if isinstance(self.modules_to_save, str):
-            self.modules_to_save = [name.strip() for name in self.modules_to_save.split(",") if name.strip()]
+            self.modules_to_save = _split_names(self.modules_to_save)
 
     @property
     def greater_is_better(self) -> bool:
@@ -262,6 +262,11 @@ class TrainConfig:
             ValueError: a key is not an option; the message names the closest valid one.
         """
         return cls(**normalise_keys(values, source))
+
+
+def _split_names(text: str) -> list[str]:
+    """``"q_proj, v_proj"`` -> ``["q_proj", "v_proj"]``."""
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def field_names() -> set[str]:
