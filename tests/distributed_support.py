@@ -31,13 +31,15 @@ FP32 = {"dtype": "fp32"}
 
 
 def environment() -> dict[str, str]:
-    # Loopback only: gloo would otherwise pick the interface of the host name.
+    # Loopback only: gloo would otherwise pick the interface of the host name. Fault handler: a worker that
+    # dies of a signal (a native abort) prints every thread's Python stack, so a failure says where.
     return {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "GLOO_SOCKET_IFNAME": "lo",
+        "PYTHONFAULTHANDLER": "1",
     }
 
 
@@ -78,7 +80,7 @@ def finish(*processes: subprocess.Popen[str], errors: list[str] | None = None) -
     try:
         for process in processes:
             stdout, stderr = process.communicate(timeout=TIMEOUT_S)
-            assert process.returncode == 0, stderr[-4000:]
+            assert process.returncode == 0, f"stdout:\n{stdout[-2000:]}\nstderr:\n{stderr[-6000:]}"
             outputs.append(stdout)
             if errors is not None:
                 errors.append(stderr)
